@@ -196,6 +196,13 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
     return mask
 
 
+_REMAT_POLICIES = {
+    None: None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Llama(nnx.Module):
     """The Llama 3.x decoder-only transformer.
 
@@ -205,6 +212,9 @@ class Llama(nnx.Module):
       param_dtype: parameter dtype; default :func:`default_dtype` (float32 on CPU, bfloat16 on accelerators).
       dtype: compute (activation) dtype; default ``param_dtype``.
       attention_impl: see :func:`dot_product_attention`.
+      remat: rematerialisation of each scanned decoder layer in the backward pass: None (store everything),
+        "full" (recompute the whole layer), or "dots" (save matmul outputs, recompute the rest;
+        ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
 
     Call: ``model(tokens)`` -> float32 logits [B, T, V] for int32 tokens [B, T]; ``positions`` int32 [B, T]
     (default 0..T-1, or continuing from ``kv_cache.lengths``); ``segment_ids`` int32 [B, T] keeps packed
@@ -212,12 +222,15 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=None, dtype=None,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, remat: str | None = None):
+        if remat not in _REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(map(str, _REMAT_POLICIES))}, got {remat!r}")
         param_dtype = jnp.dtype(param_dtype or default_dtype())
         self.config = config
         self.param_dtype = param_dtype
         self.dtype = jnp.dtype(dtype or param_dtype)
         self.attention_impl = attention_impl
+        self.remat = remat
         self.embedder = Embedder(config.vocab_size, config.dim, param_dtype=param_dtype, rngs=rngs)
         self.layers = Block(config, param_dtype=param_dtype, rngs=rngs, layers=config.n_layers)
         self.final_norm = RMSNorm(config.dim, config.norm_eps, param_dtype=param_dtype)
@@ -277,6 +290,8 @@ class Llama(nnx.Module):
             def body(x, layer_state):
                 x, _ = nnx.merge(graphdef, layer_state)(x, positions, mask, None, impl)
                 return x, None
+            if self.remat is not None:
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
             x, _ = jax.lax.scan(body, x, state)
             return x, None
 
