@@ -1,0 +1,381 @@
+"""llama-jax checkpoints: one directory with config.json, Orbax parameters and optional tokenizer files.
+
+Layout of a checkpoint directory ``DIR`` (format version 1)::
+
+    DIR/config.json        LlamaConfig.to_dict() plus {"format_version": 1, "param_dtype": "float32"|...};
+                           written LAST, so it doubles as the completion marker
+    DIR/params/            an Orbax PyTree checkpoint of ``nnx.state(model, nnx.Param)`` as a pure nested dict,
+                           written WITHOUT OCDBT, zarr v2: one zarr array per parameter, in a directory named by
+                           its dotted key path (``params/layers.attention.q_proj/``, ``params/embedder.embedding/``)
+    DIR/tokenizer/         optional: tokenizer files (tokenizer.model, tokenizer.json, ...), copied verbatim
+
+Why this Orbax layout (no OCDBT, one zarr array per parameter): the stacked decoder weights are [L, ...] arrays,
+and a converter streaming a 405B checkpoint must write them one layer at a time. With one plain zarr array per
+parameter, :class:`CheckpointWriter` creates each array with tensorstore (the library Orbax itself uses), with
+one chunk per layer (chunk shape [1, ...]), writes each layer slice as it is produced, and then writes Orbax's
+``_METADATA`` tree file. :func:`load` is then an ordinary Orbax restore, which reads each zarr array straight
+into the requested ``jax.sharding.NamedSharding`` (every device reads only its own slice), so nothing is
+materialised whole on one host. :func:`save` (a model already in memory) uses Orbax's own writer with the same
+options, so both writers produce the same layout (checked by tests/test_checkpoint.py).
+
+Writes are atomic: everything goes to a hidden sibling temporary directory (``.NAME.partial-*``) that is renamed
+into place when complete; an interrupted write leaves nothing :func:`load` accepts (no config.json at ``DIR``).
+
+Source: Orbax PyTreeCheckpointHandler (orbax-checkpoint 0.12), tensorstore zarr driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama, default_dtype
+from llama_jax.sharding import MESH_AXES, state_shardings
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def _orbax():
+    import orbax.checkpoint as ocp  # imported lazily: heavy
+    return ocp
+
+
+def _default_mesh() -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
+
+
+def abstract_model(config: LlamaConfig, dtype=None) -> Llama:
+    """The model with ``jax.ShapeDtypeStruct`` leaves (no memory allocated), parameters in ``dtype``."""
+    dtype = jnp.dtype(dtype or default_dtype())
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), param_dtype=dtype))
+
+
+def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Dotted parameter name -> shape, e.g. ``{"layers.attention.q_proj": (L, D, N, H), ...}``."""
+    state = nnx.to_pure_dict(nnx.state(abstract_model(config, jnp.float32), nnx.Param))
+    return {".".join(str(k) for k in path): tuple(leaf.shape)
+            for path, leaf in _flatten(state)}
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, Mapping):
+        for k in tree:
+            yield from _flatten(tree[k], prefix + (k,))
+    else:
+        yield prefix, tree
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def _check_new_path(path: str, overwrite: bool) -> None:
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path}: output already exists (pass overwrite=True / --overwrite to replace it)")
+
+
+def _temp_sibling(path: str) -> str:
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.partial-", dir=parent)
+
+
+def _finish(tmp: str, path: str, overwrite: bool) -> None:
+    """Renames the completed ``tmp`` onto ``path`` (replacing it when ``overwrite``)."""
+    path = os.path.abspath(path)
+    old = None
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path}: output already exists (pass overwrite=True / --overwrite to replace it)")
+        old = f"{os.path.dirname(path)}/.{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+
+
+def _write_config(directory: str, config: LlamaConfig, param_dtype) -> None:
+    d = dict(config.to_dict(), format_version=FORMAT_VERSION, param_dtype=_dtype_name(param_dtype))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _copy_tokenizer(directory: str, tokenizer_files: Iterable[str]) -> None:
+    files = [os.fspath(f) for f in tokenizer_files]
+    if not files:
+        return
+    out = os.path.join(directory, TOKENIZER_DIR)
+    os.makedirs(out, exist_ok=True)
+    for f in files:
+        if os.path.isdir(f):
+            shutil.copytree(f, out, dirs_exist_ok=True)
+        elif os.path.isfile(f):
+            shutil.copy2(f, os.path.join(out, os.path.basename(f)))
+        else:
+            raise FileNotFoundError(f"{f}: tokenizer file not found")
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+
+def save(path: str | os.PathLike, model: Llama, tokenizer_files: Iterable[str | os.PathLike] = (),
+         overwrite: bool = False) -> str:
+    """Saves ``model`` (config + parameters in their dtype) and copies ``tokenizer_files`` into ``path``/tokenizer.
+
+    Args:
+      path: output directory; written atomically (temporary sibling renamed into place).
+      model: a :class:`llama_jax.model.Llama` (stacked or unstacked layers; stored stacked), any sharding.
+      tokenizer_files: files (or directories whose contents are copied) to store under ``tokenizer/``.
+      overwrite: replace an existing ``path``.
+
+    Returns the absolute path. Raises FileExistsError (``path`` exists, no ``overwrite``), FileNotFoundError
+    (a tokenizer file is missing).
+    """
+    ocp = _orbax()
+    path = os.path.abspath(os.fspath(path))
+    _check_new_path(path, overwrite)
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if not model.is_stacked:  # list of per-layer dicts -> one dict of [L, ...] arrays
+        layers = state["layers"]
+        per_layer = [layers[i] for i in sorted(layers)]
+        state["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+    tmp = _temp_sibling(path)
+    try:
+        _copy_tokenizer(tmp, tokenizer_files)
+        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(state))
+        _write_config(tmp, model.config, model.param_dtype)
+        _finish(tmp, path, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+    """The :class:`LlamaConfig` of checkpoint ``path``.
+
+    Raises FileNotFoundError naming the missing directory / config.json (also for an incomplete write, which has
+    no config.json), ValueError for an invalid config or an unknown format version.
+    """
+    return LlamaConfig.from_dict(_read_meta(path)[0])
+
+
+def stored_dtype(path: str | os.PathLike) -> jnp.dtype:
+    """The parameter dtype the checkpoint was written in."""
+    return jnp.dtype(_read_meta(path)[1])
+
+
+def _read_meta(path) -> tuple[dict, str]:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: checkpoint directory not found")
+    cfg_file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{cfg_file}: missing (not a llama-jax checkpoint, or an interrupted write)")
+    try:
+        with open(cfg_file) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    version = d.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{cfg_file}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    dtype = d.pop("param_dtype", "float32")
+    return d, dtype
+
+
+def tokenizer_dir(path: str | os.PathLike) -> str | None:
+    """``path``/tokenizer if the checkpoint stores tokenizer files, else None."""
+    d = os.path.join(os.fspath(path), TOKENIZER_DIR)
+    return d if os.path.isdir(d) and os.listdir(d) else None
+
+
+def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None,
+         rules: Mapping | None = None) -> Llama:
+    """Restores a :class:`Llama` from checkpoint ``path`` straight into (sharded) device arrays.
+
+    The abstract model is built with ``nnx.eval_shape``; target shardings come from
+    :func:`llama_jax.sharding.state_shardings` (``mesh``, ``rules``); Orbax/tensorstore reads each device's slice
+    of each parameter directly into that sharding, casting to ``dtype``.
+
+    Args:
+      path: a directory written by :func:`save` or by the conversion tool.
+      dtype: parameter dtype; None -> :func:`llama_jax.model.default_dtype` (float32 on CPU, bfloat16 else).
+      mesh: device mesh with axes ``llama_jax.sharding.MESH_AXES``; None -> the first device alone.
+      rules: logical-axis rules (default ``llama_jax.sharding.DEFAULT_RULES``).
+
+    Raises:
+      FileNotFoundError: the directory, its config.json or params/ (or a parameter array) is missing, named.
+      ValueError: invalid config.json, or stored parameter shapes that disagree with it (parameter named).
+    """
+    ocp = _orbax()
+    path = os.path.abspath(os.fspath(path))
+    config = read_config(path)
+    params_dir = os.path.join(path, PARAMS_DIR)
+    meta_file = os.path.join(params_dir, "_METADATA")
+    if not os.path.isfile(meta_file):
+        raise FileNotFoundError(f"{meta_file}: missing (incomplete checkpoint)")
+    dtype = jnp.dtype(dtype or default_dtype())
+    mesh = mesh or _default_mesh()
+
+    abstract = abstract_model(config, dtype)
+    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+    shardings = state_shardings(abs_params, mesh, rules)
+    target = nnx.to_pure_dict(abs_params)
+    sharding_tree = nnx.to_pure_dict(shardings)
+    for names, leaf in _flatten(target):
+        array_dir = os.path.join(params_dir, ".".join(str(n) for n in names))
+        zarray = os.path.join(array_dir, ".zarray")
+        if not os.path.isfile(zarray):
+            raise FileNotFoundError(f"{array_dir}: parameter array missing (incomplete checkpoint)")
+        with open(zarray) as f:
+            stored = tuple(json.load(f)["shape"])
+        if stored != tuple(leaf.shape):
+            raise ValueError(f"{array_dir}: stored shape {stored} != {tuple(leaf.shape)} expected from "
+                             f"{os.path.join(path, CONFIG_FILE)}")
+    restore_args = jax.tree.map(
+        lambda leaf, sh: ocp.ArrayRestoreArgs(sharding=sh, dtype=dtype, global_shape=leaf.shape),
+        target, sharding_tree)
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
+    with ocp.Checkpointer(handler) as ckptr:
+        restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    nnx.replace_by_pure_dict(abs_params, restored)
+    return nnx.merge(graphdef, abs_params, rest)
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+class CheckpointWriter:
+    """Writes a checkpoint parameter by parameter and layer by layer (bounded memory; used by ``conversions``).
+
+    Usage::
+
+        with CheckpointWriter(out_dir, config, dtype=jnp.bfloat16, overwrite=False) as w:
+            w.write("embedder.embedding", emb)                       # [V, D]
+            for i in range(config.n_layers):
+                w.write("layers.attention.q_proj", q_i, layer=i)     # [D, N, H] slice of [L, D, N, H]
+                ...
+            w.commit(tokenizer_files=[...])
+
+    Each parameter is a tensorstore zarr v2 array with one chunk per layer for stacked weights; values are cast
+    to ``dtype`` as written. ``commit`` checks every parameter (every layer) was written, writes Orbax's
+    ``_METADATA`` for the tree, config.json last, and renames the temporary directory into place. Leaving the
+    ``with`` block by an exception (or without ``commit``) deletes the temporary directory.
+
+    Raises FileExistsError (``path`` exists, no ``overwrite``) at construction; KeyError / ValueError naming the
+    parameter for an unknown name or a wrong shape; ValueError at commit naming what was never written.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: LlamaConfig, dtype=jnp.float32, overwrite: bool = False):
+        import tensorstore as ts
+        self.path = os.path.abspath(os.fspath(path))
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.overwrite = overwrite
+        _check_new_path(self.path, overwrite)
+        self.shapes = param_shapes(config)
+        self.tmp = _temp_sibling(self.path)
+        self._params = os.path.join(self.tmp, PARAMS_DIR)
+        os.makedirs(self._params)
+        zdtype = "bfloat16" if self.dtype == jnp.bfloat16 else np.dtype(self.dtype).str
+        self._arrays, self._written = {}, {}
+        futures = []
+        for name, shape in self.shapes.items():
+            stacked = name.startswith("layers.")
+            chunks = (1,) + shape[1:] if stacked else shape
+            spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self._params, name)},
+                    "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": zdtype,
+                                 "compressor": None, "fill_value": None, "order": "C",
+                                 "dimension_separator": "."},
+                    "create": True, "delete_existing": True}
+            futures.append((name, ts.open(spec)))
+            self._written[name] = set()
+        for name, fut in futures:
+            self._arrays[name] = fut.result()
+        self._done = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self._done:
+            self.abort()
+        return False
+
+    def abort(self) -> None:
+        """Deletes the temporary directory (nothing is left at ``path``)."""
+        self._arrays = {}
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    def write(self, name: str, value, layer: int | None = None) -> None:
+        """Writes parameter ``name`` (dotted, e.g. ``layers.mlp.up_proj``), or its slice ``layer`` if stacked."""
+        if name not in self._arrays:
+            raise KeyError(f"unknown parameter {name!r} (known: {', '.join(self.shapes)})")
+        shape = self.shapes[name]
+        stacked = name.startswith("layers.")
+        if stacked != (layer is not None):
+            raise ValueError(f"{name}: layer index {'required' if stacked else 'not allowed'}")
+        expect = shape[1:] if stacked else shape
+        value = np.asarray(value)
+        if tuple(value.shape) != tuple(expect):
+            raise ValueError(f"{name}: got shape {tuple(value.shape)}, expected {tuple(expect)}")
+        if value.dtype != self.dtype:
+            value = value.astype(self.dtype)
+        arr = self._arrays[name]
+        if stacked:
+            if not 0 <= layer < shape[0]:
+                raise ValueError(f"{name}: layer {layer} out of range [0, {shape[0]})")
+            arr[layer].write(value).result()
+            self._written[name].add(layer)
+        else:
+            arr.write(value).result()
+            self._written[name].add(None)
+
+    def commit(self, tokenizer_files: Iterable[str | os.PathLike] = ()) -> str:
+        """Finishes the checkpoint (see class docstring); returns its path."""
+        missing = []
+        for name, shape in self.shapes.items():
+            want = set(range(shape[0])) if name.startswith("layers.") else {None}
+            lack = want - self._written[name]
+            if lack:
+                missing.append(name if None in lack else f"{name} (layers {sorted(lack)[:5]}...)")
+        if missing:
+            raise ValueError(f"checkpoint incomplete, never written: {', '.join(missing)}")
+        tree_metadata = {}
+        for name, shape in self.shapes.items():
+            keys = name.split(".")
+            tree_metadata[str(tuple(keys))] = {
+                "key_metadata": [{"key": k, "key_type": 2} for k in keys],
+                "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)},
+            }
+        with open(os.path.join(self._params, "_METADATA"), "w") as f:
+            json.dump({"tree_metadata": tree_metadata, "use_ocdbt": False, "use_zarr3": False,
+                       "store_array_data_equal_to_fill_value": True, "custom_metadata": None}, f)
+        self._arrays = {}
+        _copy_tokenizer(self.tmp, tokenizer_files)
+        _write_config(self.tmp, self.config, self.dtype)
+        try:
+            _finish(self.tmp, self.path, self.overwrite)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return self.path
