@@ -1,0 +1,141 @@
+"""Sharding: parity of sharded forward / greedy decode with one device, parameter placement, bad input.
+
+The 8-device checks run tests/workers/mesh_parity.py in a subprocess (fake CPU devices must be requested
+before jax is imported).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from llama_jax import sharding as S
+from llama_jax.config import LlamaConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = os.path.join(ROOT, "tests", "workers")
+
+
+def run_worker(script, *args, timeout=600, devices=8):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    proc = subprocess.run([sys.executable, os.path.join(WORKERS, script), *map(str, args)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parity") / "parity.json"
+    run_worker("mesh_parity.py", out)
+    return json.loads(out.read_text())
+
+
+MESHES = ["1x1x8", "1x8x1", "2x2x2", "1x2x4"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_logits_and_greedy_tokens_match_one_device(parity, mesh):
+    r = parity[mesh]
+    assert r["logits_diff"] <= 1e-5, r["logits_diff"]
+    assert r["tokens"] == parity["ref_tokens"]
+    # Sharded-from-birth init computes the same values as the unsharded init of the same seed.
+    assert r["init_diff"] <= 1e-6
+
+
+@pytest.mark.parametrize("mesh", ["1x1x8", "1x8x1"])
+def test_every_large_parameter_is_sharded(parity, mesh):
+    tensor = int(mesh.split("x")[2])
+    for path, p in parity[mesh]["params"].items():
+        is_norm = "norm" in path
+        kv_replicated = ("k_proj" in path or "v_proj" in path) and tensor > 2    # 2 KV heads < tensor axis
+        if is_norm or kv_replicated:
+            continue
+        assert p["fraction"] <= 0.5, (mesh, path, p)
+    if tensor == 8:   # K/V projections replicated over heads (not refused), and nothing else is
+        for path, p in parity[mesh]["params"].items():
+            if "k_proj" in path or "v_proj" in path:
+                assert "tensor" not in p["spec"], (path, p)
+
+
+def test_kv_cache_sharding(parity):
+    # (1,2,4): batch 4 over fsdp=2; 2 KV heads not divisible... by 4 -> replicated; (2,2,2): heads on tensor.
+    assert parity["1x2x4"]["cache_specs"][0] == "P(None, 'fsdp', None, None, None)"
+    assert parity["2x2x2"]["cache_specs"][0] == "P(None, ('data', 'fsdp'), None, 'tensor', None)"
+
+
+# ------------------------------------------------------------------------------------------ bad input
+CFG = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden_dim=128,
+                  max_seq_len=64)
+
+
+def test_mesh_size_must_match_device_count():
+    n = jax.device_count()
+    with pytest.raises(ValueError, match=r"tensor=%d .*%d devices" % (n + 1, n)):
+        S.make_mesh(tensor=n + 1)
+    with pytest.raises(ValueError, match="'fsdp'"):
+        S.make_mesh(fsdp=0)
+
+
+def test_parse_mesh():
+    assert S.parse_mesh("data=1,fsdp=2,tensor=4") == {"data": 1, "fsdp": 2, "tensor": 4}
+    assert S.parse_mesh("tensor=8") == {"data": 1, "fsdp": 1, "tensor": 8}
+    assert S.parse_mesh("") == {"data": 1, "fsdp": 1, "tensor": 1}
+    for bad, culprit in [("model=2", "'model'"), ("tensor=two", "'tensor'"), ("tensor=0", "'tensor'"),
+                         ("tensor=2,tensor=2", "'tensor'"), ("tensor", "'tensor'")]:
+        with pytest.raises(ValueError, match=culprit):
+            S.parse_mesh(bad)
+
+
+class FakeMesh:
+    """Just enough of a Mesh for validate(): axis sizes without devices."""
+
+    def __init__(self, data=1, fsdp=1, tensor=1):
+        self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
+        self.axis_names = tuple(self.shape)
+
+
+@pytest.mark.parametrize("field,value,axis", [("n_heads", 12, "q_heads"), ("hidden_dim", 100, "mlp"),
+                                              ("vocab_size", 250, "vocab")])
+def test_tensor_axis_must_divide(field, value, axis):
+    cfg = CFG.replace(**{field: value, "n_kv_heads": 2 if field != "n_heads" else 4})
+    with pytest.raises(ValueError, match=rf"mesh axis 'tensor' of size 8 does not divide {field}={value}"
+                                         rf" \(logical axis '{axis}'\)"):
+        S.validate(cfg, FakeMesh(tensor=8))
+
+
+def test_fsdp_axis_must_divide_dim():
+    with pytest.raises(ValueError, match="'fsdp'.*dim=64"):
+        S.validate(CFG, FakeMesh(fsdp=3))
+
+
+def test_fewer_kv_heads_than_tensor_axis_is_replicated_not_refused():
+    S.validate(CFG, FakeMesh(tensor=8))       # 2 KV heads, 8-way tensor axis: fine
+    spec = S.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 2, 8), FakeMesh(tensor=8))
+    assert spec == jax.sharding.PartitionSpec(None, None, None, None)
+
+
+def test_colliding_rules_are_refused():
+    rules = dict(S.DEFAULT_RULES, embed="tensor")
+    with pytest.raises(ValueError, match=r"'vocab' and 'embed' both map to mesh axis 'tensor'"):
+        S.validate(CFG, FakeMesh(tensor=2), rules)
+    rules = dict(S.DEFAULT_RULES, vocab="fsdp")                   # vocab x embed both on fsdp
+    with pytest.raises(ValueError, match="mesh axis 'fsdp'.*embedder.embedding"):
+        S.validate_rules(rules)
+
+
+def test_impossible_rules_are_refused():
+    with pytest.raises(ValueError, match="'mlp'.*'model'"):
+        S.validate_rules(dict(S.DEFAULT_RULES, mlp="model"))
+    rules = dict(S.DEFAULT_RULES)
+    del rules["head_dim"]
+    with pytest.raises(ValueError, match="'head_dim'"):
+        S.validate_rules(rules)
+    with pytest.raises(ValueError, match="repeats"):
+        S.validate_rules(dict(S.DEFAULT_RULES, batch=("data", "data")))
