@@ -133,8 +133,9 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, mask, kv=None, attention_impl=None):
         """x: [B, T, D]; positions int32 [B, T]; mask bool [B, T, S].
 
-        kv: None (attend among the T tokens; S = T), or (k_cache, v_cache) [B, S, K, H] for this layer, into which
-        the new keys/values are written at slots ``positions`` before attending. Returns (out [B, T, D], kv').
+        kv: None (attend among the T tokens; S = T), or ``(k_all, v_all, layer)`` with the whole cache
+        [L, B, S, K, H] and this layer's index: the new keys/values are scattered into slots ``positions`` of that
+        layer (in place when the buffers are donated) before attending. Returns (out [B, T, D], kv').
         """
         dtype = x.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dtype))             # [B, T, N, H]
@@ -143,11 +144,12 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, self.config)
         k = apply_rope(k, positions, self.config)
         if kv is not None:
-            k_cache, v_cache = kv
+            k_all, v_all, layer = kv
             rows = jnp.arange(x.shape[0])[:, None]
-            k = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")   # [B, S, K, H]
-            v = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-            kv = (k, v)
+            k_all = k_all.at[layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")  # [L, B, S, K, H]
+            v_all = v_all.at[layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
+            k, v = k_all[layer], v_all[layer]                                              # [B, S, K, H]
+            kv = (k_all, v_all, layer)
         out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, attention_impl)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype)), kv
 
@@ -273,16 +275,13 @@ class Llama(nnx.Module):
 
     def _apply_layers(self, x, positions, mask, kv_cache):
         impl = self.attention_impl
+        new_lengths = None if kv_cache is None else positions[:, -1] + 1
         if not self.is_stacked:                       # unstacked: a Python loop over per-layer blocks
-            ks, vs = [], []
+            kv = None if kv_cache is None else (kv_cache.k, kv_cache.v, 0)
             for i, block in enumerate(self.layers):
-                kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-                x, kv = block(x, positions, mask, kv, impl)
-                if kv is not None:
-                    ks.append(kv[0])
-                    vs.append(kv[1])
+                x, kv = block(x, positions, mask, None if kv is None else kv[:2] + (i,), impl)
             if kv_cache is not None:
-                kv_cache = kv_cache.replace(k=jnp.stack(ks), v=jnp.stack(vs), lengths=positions[:, -1] + 1)
+                kv_cache = kv_cache.replace(k=kv[0], v=kv[1], lengths=new_lengths)
             return x, kv_cache
 
         graphdef, state = nnx.split(self.layers)
@@ -297,14 +296,11 @@ class Llama(nnx.Module):
 
         def body_cached(carry, layer_state):
             x, k_all, v_all, i = carry
-            kv = (k_all[i], v_all[i])
-            x, (k, v) = nnx.merge(graphdef, layer_state)(x, positions, mask, kv, impl)
-            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k, i, 0)
-            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v, i, 0)
+            x, (k_all, v_all, _) = nnx.merge(graphdef, layer_state)(x, positions, mask, (k_all, v_all, i), impl)
             return (x, k_all, v_all, i + 1), None
 
         (x, k_all, v_all, _), _ = jax.lax.scan(body_cached, (x, kv_cache.k, kv_cache.v, jnp.int32(0)), state)
-        return x, kv_cache.replace(k=k_all, v=v_all, lengths=positions[:, -1] + 1)
+        return x, kv_cache.replace(k=k_all, v=v_all, lengths=new_lengths)
 
     # ------------------------------------------------------------------ layer layout
     def unstack_layers(self) -> None:
