@@ -62,3 +62,53 @@ def transpose(w: np.ndarray) -> np.ndarray:
 def identity(w: np.ndarray) -> np.ndarray:
     """Embeddings [V, D] and norm scales [D]."""
     return w
+
+
+# ---- the one table: llama-jax parameter name -> (torch -> ours, ours -> torch) --------------------------------
+# Every source reader yields PyTorch-layout [out, in] matrices with q/k rows already in the half-split order (Meta
+# and GGUF readers call interleaved_to_half_split, Hugging Face needs nothing); every exporter takes them back.
+
+def _heads(n_attr):
+    return (lambda w, c: heads_in(w, getattr(c, n_attr))), (lambda w, c: heads_out(w))
+
+
+PARAM_LAYOUT = {
+    "embedder.embedding": (lambda w, c: identity(w), lambda w, c: identity(w)),
+    "final_norm.scale": (lambda w, c: identity(w), lambda w, c: identity(w)),
+    "lm_head": (lambda w, c: transpose(w), lambda w, c: transpose(w)),
+    "layers.attention_norm.scale": (lambda w, c: identity(w), lambda w, c: identity(w)),
+    "layers.attention.q_proj": _heads("n_heads"),
+    "layers.attention.k_proj": _heads("n_kv_heads"),
+    "layers.attention.v_proj": _heads("n_kv_heads"),
+    "layers.attention.o_proj": (lambda w, c: o_in(w, c.n_heads), lambda w, c: o_out(w)),
+    "layers.ffn_norm.scale": (lambda w, c: identity(w), lambda w, c: identity(w)),
+    "layers.mlp.gate_proj": (lambda w, c: transpose(w), lambda w, c: transpose(w)),
+    "layers.mlp.up_proj": (lambda w, c: transpose(w), lambda w, c: transpose(w)),
+    "layers.mlp.down_proj": (lambda w, c: transpose(w), lambda w, c: transpose(w)),
+}
+
+GLOBAL_PARAMS = ("embedder.embedding", "final_norm.scale", "lm_head")
+LAYER_PARAMS = tuple(k for k in PARAM_LAYOUT if k.startswith("layers."))
+
+
+def torch_to_ours(name: str, w: np.ndarray, config) -> np.ndarray:
+    """PyTorch-layout tensor (half-split q/k rows) of llama-jax parameter ``name`` -> its llama-jax layout
+    (one layer's slice for ``layers.*``)."""
+    return np.ascontiguousarray(PARAM_LAYOUT[name][0](w, config))
+
+
+def ours_to_torch(name: str, w: np.ndarray, config) -> np.ndarray:
+    """Inverse of :func:`torch_to_ours`."""
+    return np.ascontiguousarray(PARAM_LAYOUT[name][1](w, config))
+
+
+def torch_shape(name: str, config) -> tuple[int, ...]:
+    """Expected PyTorch [out, in] shape of parameter ``name`` (one layer) for ``config``."""
+    d, h, f, v = config.dim, config.head_dim, config.hidden_dim, config.vocab_size
+    return {
+        "embedder.embedding": (v, d), "final_norm.scale": (d,), "lm_head": (v, d),
+        "layers.attention_norm.scale": (d,), "layers.ffn_norm.scale": (d,),
+        "layers.attention.q_proj": (config.n_heads * h, d), "layers.attention.k_proj": (config.n_kv_heads * h, d),
+        "layers.attention.v_proj": (config.n_kv_heads * h, d), "layers.attention.o_proj": (d, config.n_heads * h),
+        "layers.mlp.gate_proj": (f, d), "layers.mlp.up_proj": (f, d), "layers.mlp.down_proj": (d, f),
+    }[name]

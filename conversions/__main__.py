@@ -1,0 +1,94 @@
+"""Command line of the conversion tool (also the console script ``llama-jax-convert``).
+
+Import::
+
+    python -m conversions --source=meta --input=Meta-Llama-3.1-8B/ --output=ckpt/ [--dtype=bfloat16] [--overwrite]
+    python -m conversions --source=hf   --input=hf_folder/ --output=ckpt/
+    python -m conversions --source=gguf --input=model.gguf --output=ckpt/
+
+Export::
+
+    python -m conversions --source=orbax --target=hf   --input=ckpt/ --output=hf_folder/
+    python -m conversions --source=orbax --target=meta --input=ckpt/ --output=meta_folder/
+
+On bad input the tool prints ``error: <file>: <reason>`` to stderr and exits with status 1, leaving nothing at
+``--output``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("source", None, ["meta", "hf", "gguf", "orbax"], "Input format.")
+flags.DEFINE_enum("target", None, ["hf", "meta"], "Export format (only with --source=orbax).")
+flags.DEFINE_string("input", None, "Input directory (meta, hf, orbax) or .gguf file.")
+flags.DEFINE_string("output", None, "Output directory (must not exist unless --overwrite).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                  "Stored parameter dtype (default: the source's dtype; quantized GGUF -> float32).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+flags.DEFINE_bool("progress", True, "Show a tqdm progress bar (bytes).")
+
+
+def convert_from_flags(source: str, input: str, output: str, target: str | None = None, dtype: str | None = None,
+                       overwrite: bool = False, progress: bool = True) -> str:
+    """The whole tool as a function (what the CLI runs). Returns the output path.
+
+    Raises ValueError (incl. conversions.common.ConversionError), FileNotFoundError, FileExistsError, naming the
+    flag or file.
+    """
+    from conversions import common
+    if not input:
+        raise ValueError("--input is required")
+    if not output:
+        raise ValueError("--output is required")
+    np_dtype = common.numpy_dtype(dtype)
+    if source == "orbax":
+        from conversions import export
+        if target is None:
+            raise ValueError("--target (hf or meta) is required with --source=orbax")
+        fn = export.export_hf if target == "hf" else export.export_meta
+        return fn(input, output, dtype=np_dtype, overwrite=overwrite, progress=progress)
+    if target is not None:
+        raise ValueError(f"--target is only valid with --source=orbax (got --source={source})")
+    import os
+    if os.path.lexists(output) and not overwrite:
+        raise FileExistsError(f"{output}: output already exists (pass --overwrite to replace it)")
+    if source == "meta":
+        from conversions.meta import MetaSource as cls
+    elif source == "hf":
+        from conversions.hf import HFSource as cls
+    elif source == "gguf":
+        from conversions.gguf import GGUFSource as cls
+    else:
+        raise ValueError(f"--source: unknown value {source!r}")
+    src = cls(input)
+    try:
+        return common.convert(src, output, dtype=np_dtype, overwrite=overwrite, progress=progress)
+    finally:
+        src.close()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.source is None:
+        raise app.UsageError("--source is required")
+    try:
+        out = convert_from_flags(FLAGS.source, FLAGS.input, FLAGS.output, FLAGS.target, FLAGS.dtype,
+                                 FLAGS.overwrite, FLAGS.progress)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(out)
+
+
+def run():
+    """Console-script entry point ``llama-jax-convert``."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
