@@ -340,6 +340,20 @@ def _parse_args_text(s: str) -> dict | None:
     return dict(v) if isinstance(v, dict) and all(isinstance(k, str) for k in v) else None
 
 
+def _json_sequence(s: str) -> list | None:
+    """``{...}; {...}`` or ``{...}\n{...}`` (several JSON objects, as Llama 3.1 sometimes emits) -> list, else None."""
+    dec, out, pos = json.JSONDecoder(), [], 0
+    while pos < len(s):
+        try:
+            obj, pos = dec.raw_decode(s, pos)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        out.append(obj)
+        while pos < len(s) and s[pos] in " \t\r\n;,":
+            pos += 1
+    return out if len(out) > 1 else None
+
+
 def _json_calls(s: str) -> list[ToolCall] | None:
     s = s.strip()
     if not s or s[0] not in "{[":
@@ -347,7 +361,9 @@ def _json_calls(s: str) -> list[ToolCall] | None:
     try:
         v = json.loads(s)
     except (json.JSONDecodeError, RecursionError):
-        return None
+        v = _json_sequence(s)
+        if v is None:
+            return None
     items = v if isinstance(v, list) else [v]
     if not items:
         return None

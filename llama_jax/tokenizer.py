@@ -213,17 +213,19 @@ class _HFBackend:
 _GGUF_LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"}
 
 
-def _read_gguf_tokenizer(path: str) -> tuple[object, dict]:
+def _read_gguf_tokenizer(path: str, reader=None) -> tuple[object, dict]:
     """Build a ``tokenizers.Tokenizer`` (gpt2-style byte-level BPE) from GGUF metadata; returns (tk, extras).
 
     Keys read (llama.cpp names): ``tokenizer.ggml.{model,pre,tokens,token_type,merges,bos_token_id,eos_token_id,
-    eot_token_id,eom_token_id,add_bos_token}`` and ``tokenizer.chat_template``.
+    eot_token_id,eom_token_id,add_bos_token}`` and ``tokenizer.chat_template``. ``reader``: an open
+    ``gguf.GGUFReader`` of ``path`` (opened here when None).
     Raises ValueError naming the file and the unsupported ``tokenizer.ggml.model``.
     """
     import gguf
     from tokenizers import AddedToken, Regex, Tokenizer as TK, decoders, models, pre_tokenizers
 
-    reader = gguf.GGUFReader(path)
+    if reader is None:
+        reader = gguf.GGUFReader(path)
     fields = reader.fields
 
     def get(key, default=None):
@@ -397,7 +399,21 @@ class Tokenizer:
         if kind == "tiktoken":
             return cls._make(_TiktokenBackend.load(path), {}, path)
         with open(path, "rb") as f:
-            return cls._make(_SentencePieceBackend(f.read(), path), {}, path)
+            data = f.read()
+        try:
+            backend = _SentencePieceBackend(data, path)
+        except ValueError as e:
+            raise ValueError(f"{path}: unknown tokenizer format: detected {_describe(data[:64])} that SentencePiece "
+                             f"rejects ({e.__cause__})") from e
+        return cls._make(backend, {}, path)
+
+    @classmethod
+    def from_gguf_reader(cls, reader, path: str = "") -> "Tokenizer":
+        """The vocabulary of an already open ``gguf.GGUFReader`` (saves re-parsing the file's metadata, which takes
+        seconds). Same result as ``from_file(path)``. Raises ValueError like :meth:`from_file`."""
+        path = os.fspath(path or getattr(getattr(reader, "data", None), "filename", None) or "<gguf>")
+        tk, extras = _read_gguf_tokenizer(path, reader)
+        return cls._make(_HFBackend(tk), extras, path)
 
     @classmethod
     def _from_dir(cls, d: str) -> "Tokenizer":

@@ -193,6 +193,8 @@ _PARSE_CASES = [
     ('{"name": "get_weather", "parameters": {"city": "Paris"', None, '{"name": "get_weather", "parameters": {"city": "Paris"'),
     ('{"name": "Bob", "age": 3}', None, '{"name": "Bob", "age": 3}'),
     ('[{"name": "a", "parameters": {}}, {"name": "b", "parameters": {"x": 1}}]', [("a", {}), ("b", {"x": 1})], ""),
+    ('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}<|eom_id|>',
+     [("a", {}), ("b", {"x": 1})], ""),
     # <function=NAME>{...}</function>
     ('<function=trending_songs>{"n": 10}</function><|eot_id|>', [("trending_songs", {"n": 10})], ""),
     ("<function=f>{n: 10}</function>", None, "<function=f>{n: 10}</function>"),

@@ -294,3 +294,54 @@ def test_hf_tokenizer_json_with_config(gguf_pair, tmp_path):
     assert {0, 2} <= t.stop_ids
     t2 = Tokenizer.from_file(d / "tokenizer.json")
     assert t2.encode("Hello world") == t.encode("Hello world")
+
+
+# ------------------------------------------------------------------------------------------- tiny synthetic GGUFs
+def _write_tiny_gguf(path, model="gpt2", pre="llama-bpe", with_tokenizer=True):
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    if with_tokenizer:
+        merges = ["Ġ t", "h e", "Ġt he", "l l", "he ll", "hell o", "Ġ w", "o r"]
+        tokens = (["<|begin_of_text|>", "<|eot_id|>", "<think>"] + sorted(pre_tokenizers.ByteLevel.alphabet())
+                  + ["Ġt", "he", "Ġthe", "ll", "hell", "hello", "Ġw", "or"])
+        w.add_tokenizer_model(model)
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([3, 3, 4] + [1] * (len(tokens) - 3))  # control, control, user-defined, normal...
+        w.add_token_merges(merges)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(1)
+        w.add_eot_token_id(1)
+        w.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m.content }}<|eot_id|>{% endfor %}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "smollm"])
+def test_tiny_gguf_equals_transformers(tmp_path, pre):
+    import gguf
+    from transformers import AutoTokenizer
+
+    _write_tiny_gguf(tmp_path / "tiny.gguf", pre=pre)
+    ours = Tokenizer.from_file(tmp_path / "tiny.gguf")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    for s in ["hello the world", "<|eot_id|>hello<think>x  the", "héllo\n\n the 1234", "  the  "]:
+        assert ours.encode(s, allowed_special="all") == theirs(s, add_special_tokens=False)["input_ids"], s
+    assert "<think>" in ours.decode(ours.encode("<think>"))  # user-defined token matched whole
+    assert (ours.bos_id, ours.eos_id, ours.stop_ids) == (0, 1, frozenset({1}))
+    again = Tokenizer.from_gguf_reader(gguf.GGUFReader(tmp_path / "tiny.gguf"))
+    assert again.encode("hello the world") == ours.encode("hello the world")
+    assert again.chat_template == ours.chat_template
+
+
+def test_gguf_without_supported_tokenizer(tmp_path):
+    _write_tiny_gguf(tmp_path / "spm.gguf", model="llama")
+    with pytest.raises(ValueError, match="tokenizer.ggml.model='llama'"):
+        Tokenizer.from_file(tmp_path / "spm.gguf")
+    _write_tiny_gguf(tmp_path / "none.gguf", with_tokenizer=False)
+    with pytest.raises(ValueError, match="none.gguf.*no tokenizer"):
+        Tokenizer.from_file(tmp_path / "none.gguf")
