@@ -577,6 +577,24 @@ class ChatFormat:
             toks.extend(self.encode_header("assistant"))
         return toks
 
+    def encode_dialog_for_training(self, messages: Sequence[Mapping],
+                                   trained_roles: Sequence[str] = ("assistant",)) -> tuple[list[int], list[float]]:
+        """Tokens and loss weights for chat SFT: ``encode_dialog_prompt(messages, add_generation_prompt=False)``
+        and a weight 1.0 on each token of a trained role's message after its header (content, tool calls, and the
+        eot/eom that teaches the model to stop), 0.0 elsewhere. Returns (ids, weights), equal lengths.
+        Raises ValueError like :meth:`encode_dialog_prompt`.
+        """
+        if isinstance(messages, Mapping) or not isinstance(messages, Sequence):
+            raise ValueError("encode_dialog_for_training: messages must be a list of message dicts")
+        ids, weights = [self._sp["<|begin_of_text|>"]], [0.0]
+        for i, m in enumerate(messages):
+            toks = self.encode_message(m, f"messages[{i}]")
+            n_header = len(self.encode_header(m["role"]))
+            w = 1.0 if m["role"] in trained_roles else 0.0
+            ids.extend(toks)
+            weights.extend([0.0] * n_header + [w] * (len(toks) - n_header))
+        return ids, weights
+
     def parse_output(self, text: str) -> Message:
         """See :func:`parse_output`."""
         return parse_output(text)

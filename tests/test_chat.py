@@ -371,3 +371,15 @@ def test_chat_format_for(tok, tmp_path):
         chat_format_for(sp_tok)
     with pytest.raises(ValueError, match="Llama 3"):
         ChatFormat(sp_tok)
+
+
+def test_encode_dialog_for_training(fmt, tok):
+    msgs = _DIALOGS["custom_json_tool"][1:]
+    ids, w = fmt.encode_dialog_for_training(msgs)
+    assert ids == fmt.encode_dialog_prompt(msgs, add_generation_prompt=False) and len(w) == len(ids)
+    trained = [i for i, x in zip(ids, w) if x]
+    expected = (tok.encode(render_tool_call(ToolCall("get_weather", {"city": "Paris", "days": 3}))) + [128008]
+                + tok.encode("20 C.") + [128009])
+    assert trained == expected
+    with pytest.raises(ValueError, match=r"messages\[0\]"):
+        fmt.encode_dialog_for_training([{"role": "bot", "content": "x"}])
