@@ -1,0 +1,344 @@
+"""The inference hot path: jitted prefill and decode over an explicit KV cache.
+
+Design (ARCHITECTURE.md; gemma's ``_sampler_loop.py``):
+
+* **Prefill** (:meth:`Engine.prefill`): prompts are right-padded into one [B, T] block whose length T is a
+  bucket (a power of two from 16 up to the chunk size), so the number of compilations stays bounded. Each row's
+  positions start at 0 at its first real token and its tokens go to cache slots = positions (see
+  :mod:`llama_jax.kv_cache`): a padded row never changes another row's result. Prompts longer than a chunk are
+  prefilled chunk by chunk into the same cache. The logits at each row's last real token seed decoding.
+* **Decode** is a pure step on a :class:`DecodeState` pytree (cache, last tokens, output buffers, per-row
+  sampling settings, done flags, RNG key). :meth:`Engine.generate` runs it as a device loop
+  (``jax.lax.while_loop``, one dispatch for the whole generation) or, with ``stream=True``, as a host loop over
+  the *same* step that yields tokens as they come.
+* Every jitted call donates the cache (``donate_argnames``), so the cache is updated in place.
+* Generation stops per row on a stop id (the model's, e.g. Llama 3.1 instruct's 128001/128008/128009, united
+  with the caller's), on a stop string (checked on the host), or after ``max_new_tokens``; per-token
+  log-probabilities (of the unfiltered distribution) are returned.
+* On CPU the decoder layers are switched to the unstacked layout (a Python loop over per-layer weights):
+  XLA:CPU reads a stacked weight slice inside a scan at about half the bandwidth (ARCHITECTURE.md).
+* A persistent XLA compilation cache (``~/.cache/llama_jax/xla`` or ``$LLAMA_JAX_COMPILATION_CACHE``; set it to
+  an empty string to disable) is switched on when an Engine is made, so a second run does not compile again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax import sampling
+from llama_jax.kv_cache import KVCache, init_cache
+from llama_jax.model import Llama
+
+#: Stop ids of Llama 3.1 instruct models: end_of_text, eom_id, eot_id.
+LLAMA31_STOP_IDS = (128001, 128008, 128009)
+MIN_BUCKET = 16
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache (idempotent). Returns the directory, or None if disabled."""
+    if path is None:
+        path = os.environ.get("LLAMA_JAX_COMPILATION_CACHE",
+                              os.path.join(os.path.expanduser("~"), ".cache", "llama_jax", "xla"))
+    if not path:
+        return None
+    if jax.config.jax_compilation_cache_dir != path:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def bucket_length(n: int, maximum: int, minimum: int = MIN_BUCKET) -> int:
+    """Smallest power of two >= n (and >= ``minimum``), capped at ``maximum``."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return min(b, maximum)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything one decode step reads and writes (B rows, M = max new tokens)."""
+
+    cache: KVCache
+    last_token: jax.Array      # int32 [B]   token fed to the next step
+    tokens: jax.Array          # int32 [B, M] generated tokens (pad after a row is done)
+    logprobs: jax.Array        # float32 [B, M] their log-probabilities
+    num_generated: jax.Array   # int32 [B]
+    done: jax.Array            # bool [B]
+    max_new: jax.Array         # int32 [B]   per-row budget
+    stop_ids: jax.Array        # int32 [S]
+    temperature: jax.Array     # float32 [B]
+    top_k: jax.Array           # int32 [B]
+    top_p: jax.Array           # float32 [B]
+    min_p: jax.Array           # float32 [B]
+    key: jax.Array             # PRNG key
+    step: jax.Array            # int32 []
+
+    def replace(self, **changes) -> "DecodeState":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass
+class Completion:
+    """One prompt's result. ``finish_reason`` is "stop" (stop id or string) or "length"."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str | None = None
+
+
+def _emit(ds: DecodeState, logits: jax.Array) -> DecodeState:
+    """Samples the next token of every row from float32 ``logits`` [B, V] and records it."""
+    key, sub = jax.random.split(ds.key)
+    token = sampling.sample(logits, sub, temperature=ds.temperature, top_k=ds.top_k, top_p=ds.top_p,
+                            min_p=ds.min_p)                                            # [B]
+    logprob = sampling.log_probs(logits, token)                                       # [B]
+    active = ~ds.done
+    rows = jnp.arange(token.shape[0])
+    index = jnp.where(active, ds.num_generated, ds.tokens.shape[1])                  # out of range: dropped
+    tokens = ds.tokens.at[rows, index].set(token, mode="drop")
+    logprobs = ds.logprobs.at[rows, index].set(logprob, mode="drop")
+    num_generated = ds.num_generated + active.astype(jnp.int32)
+    hit_stop = jnp.isin(token, ds.stop_ids)
+    done = ds.done | (active & (hit_stop | (num_generated >= ds.max_new)))
+    return ds.replace(last_token=token, tokens=tokens, logprobs=logprobs, num_generated=num_generated,
+                      done=done, key=key, step=ds.step + 1)
+
+
+class Engine:
+    """Compiled prefill/decode for one model.
+
+    Args:
+      model: a :class:`llama_jax.Llama` (its parameters may be sharded over a mesh; the jitted functions follow
+        the arrays' shardings).
+      max_length: longest sequence (prompt + generation) a cache holds; default the model's ``max_seq_len``.
+      chunk_size: longest prefill block; longer prompts are prefilled chunk by chunk.
+      unstack: switch the model to per-layer weights (default: on CPU). The model is modified in place
+        (same parameters, same results).
+      cache_sharding: optional ``KVCache`` of shardings for the cache (see llama_jax.sharding).
+    """
+
+    def __init__(self, model: Llama, *, max_length: int | None = None, chunk_size: int = 512,
+                 unstack: bool | None = None, cache_sharding=None):
+        enable_compilation_cache()
+        if unstack is None:
+            unstack = jax.default_backend() == "cpu"
+        if unstack:
+            model.unstack_layers()
+        self.model = model
+        self.config = model.config
+        self.max_length = min(max_length or self.config.max_seq_len, self.config.max_seq_len)
+        if chunk_size < MIN_BUCKET or chunk_size & (chunk_size - 1):
+            raise ValueError(f"chunk_size must be a power of two >= {MIN_BUCKET}, got {chunk_size}")
+        self.chunk_size = min(chunk_size, bucket_length(self.max_length, 1 << 30))
+        self.cache_sharding = cache_sharding
+        self.graphdef, self.params = nnx.split(model)
+        graphdef = self.graphdef
+
+        def prefill_chunk(params, cache, tokens, start, last_index, last_logits):
+            """tokens [B, C] at positions start..start+C-1 -> cache, logits at each row's last prompt token."""
+            model = nnx.merge(graphdef, params)
+            b, c = tokens.shape
+            positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+            hidden, cache = model(tokens, positions, kv_cache=cache, return_hidden=True)   # [B, C, D]
+            offset = last_index - start                                                  # [B]
+            in_chunk = (offset >= 0) & (offset < c)
+            h = hidden[jnp.arange(b), jnp.clip(offset, 0, c - 1)]                        # [B, D]
+            logits = model.logits(h[:, None])[:, 0]                                      # [B, V]
+            return cache, jnp.where(in_chunk[:, None], logits, last_logits)
+
+        def decode_step(params, ds: DecodeState) -> DecodeState:
+            model = nnx.merge(graphdef, params)
+            logits, cache = model(ds.last_token[:, None], kv_cache=ds.cache)              # [B, 1, V]
+            return _emit(ds.replace(cache=cache), logits[:, 0])
+
+        def decode_loop(params, ds: DecodeState) -> DecodeState:
+            steps = ds.tokens.shape[1]
+            return jax.lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.done),
+                                      lambda s: decode_step(params, s), ds)
+
+        self._prefill_chunk = jax.jit(prefill_chunk, donate_argnames=("cache", "last_logits"))
+        self._first = jax.jit(_emit, donate_argnames=("ds",))
+        self._decode_step = jax.jit(decode_step, donate_argnames=("ds",))
+        self._decode_loop = jax.jit(decode_loop, donate_argnames=("ds",))
+
+    # ------------------------------------------------------------------ pieces
+    def new_cache(self, batch_size: int, length: int) -> KVCache:
+        return init_cache(self.config, batch_size, length, self.model.dtype, self.cache_sharding)
+
+    def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> tuple[KVCache, jax.Array]:
+        """Writes the prompts into ``cache`` (rows 0..len(prompts)-1; other rows get a 1-token dummy prompt).
+
+        Returns the cache (lengths = prompt lengths) and float32 logits [B, V] at each row's last prompt token.
+        Raises ValueError for an empty prompt or one that does not fit in the cache.
+        """
+        b = cache.batch_size
+        lengths = np.ones((b,), np.int32)
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) >= cache.max_length:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; the cache holds {cache.max_length} "
+                                 f"(max_length {self.max_length}) and at least one new token must fit")
+            lengths[i] = len(p)
+        longest = int(lengths.max())
+        chunk = bucket_length(longest, self.chunk_size)
+        padded_len = -(-longest // chunk) * chunk
+        block = np.zeros((b, padded_len), np.int32)
+        for i, p in enumerate(prompts):
+            block[i, : len(p)] = p
+        last_logits = jnp.zeros((b, self.config.vocab_size), jnp.float32)
+        last_index = jnp.asarray(lengths - 1)
+        for start in range(0, padded_len, chunk):
+            cache, last_logits = self._prefill_chunk(self.params, cache, jnp.asarray(block[:, start:start + chunk]),
+                                                     jnp.int32(start), last_index, last_logits)
+        return cache.replace(lengths=jnp.asarray(lengths)), last_logits
+
+    def start(self, prompts, *, max_new_tokens: int, batch_size: int | None = None, temperature=0.0, top_k=0,
+              top_p=1.0, min_p=0.0, seed: int = 0, stop_ids: Sequence[int] = ()) -> DecodeState:
+        """Prefills the prompts and samples the first new token of each: the state the decode loop continues.
+
+        Sampling settings are scalars or per-prompt sequences. ``batch_size`` pads the batch with dummy rows
+        (finished from the start) so that batches of different sizes share one compilation.
+        """
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("no prompts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling.validate_sampling(temperature, top_k, top_p, min_p)
+        b = max(batch_size or n, n)
+        longest = max(len(p) for p in prompts)
+        need = longest + max_new_tokens
+        if need > self.max_length:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {need} exceeds "
+                             f"max_length {self.max_length} (the model's context is {self.config.max_seq_len})")
+        cache = self.new_cache(b, bucket_length(need, self.max_length))
+        cache, logits = self.prefill(prompts, cache)
+
+        def per_row(x, dtype, fill):
+            arr = np.full((b,), fill, dtype)
+            arr[:n] = np.broadcast_to(np.asarray(x, dtype), (n,))
+            return jnp.asarray(arr)
+
+        done = np.zeros((b,), bool)
+        done[n:] = True
+        stops = sorted(set(int(s) for s in stop_ids)) or [-1]
+        ds = DecodeState(
+            cache=cache, last_token=jnp.zeros((b,), jnp.int32),
+            tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
+            logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+            num_generated=jnp.zeros((b,), jnp.int32), done=jnp.asarray(done),
+            max_new=jnp.full((b,), max_new_tokens, jnp.int32), stop_ids=jnp.asarray(stops, jnp.int32),
+            temperature=per_row(temperature, np.float32, 0.0), top_k=per_row(top_k, np.int32, 0),
+            top_p=per_row(top_p, np.float32, 1.0), min_p=per_row(min_p, np.float32, 0.0),
+            key=jax.random.key(seed), step=jnp.int32(0))
+        return self._first(ds, logits)
+
+    def step(self, ds: DecodeState) -> DecodeState:
+        """One decode step (jitted; ``ds`` is donated)."""
+        return self._decode_step(self.params, ds)
+
+    def loop(self, ds: DecodeState) -> DecodeState:
+        """Decodes until every row is done, on the device (one ``jax.lax.while_loop``)."""
+        return self._decode_loop(self.params, ds)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256, temperature=0.0,
+                 top_k=0, top_p=1.0, min_p=0.0, seed: int = 0, stop_ids: Sequence[int] = (),
+                 stop_strings: Sequence[str] = (), tokenizer=None, batch_size: int | None = None,
+                 stream: bool = False):
+        """Generates a continuation of every prompt (token id lists).
+
+        Args:
+          prompts: token ids per prompt (non-empty).
+          max_new_tokens: budget per prompt.
+          temperature, top_k, top_p, min_p: see :mod:`llama_jax.sampling` (temperature 0 = greedy).
+          seed: PRNG seed; the same seed gives the same tokens.
+          stop_ids: extra stop ids, united with ``tokenizer.stop_ids`` when a tokenizer is given.
+          stop_strings: stop when the decoded text of a row contains one (needs ``tokenizer``); the text is
+            cut before it.
+          tokenizer: used for stop ids, stop strings and ``Completion.text``.
+          batch_size: pad the batch to this many rows (bounded compilations).
+          stream: return an iterator of ``(row, token, logprob)`` tuples as tokens are produced, ending with
+            the list of Completions (a host loop over the same step); otherwise return the list of
+            Completions (a device loop).
+
+        Raises:
+          ValueError: empty prompt, prompt too long, bad sampling settings, stop strings without tokenizer.
+        """
+        stops = set(stop_ids)
+        if tokenizer is not None:
+            stops |= set(getattr(tokenizer, "stop_ids", ()))
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings needs a tokenizer")
+        ds = self.start(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+                        top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_ids=sorted(stops))
+        it = self._stream(ds, prompts, stop_strings, tokenizer)
+        if stream:
+            return it
+        if not stop_strings:
+            ds = self.loop(ds)
+            return self._completions(ds, prompts, stop_strings, tokenizer)
+        results = None
+        for item in it:
+            results = item
+        return results
+
+    def _stream(self, ds, prompts, stop_strings, tokenizer) -> Iterator:
+        n = len(prompts)
+        emitted = np.zeros((n,), np.int64)
+        texts = [[] for _ in range(n)]
+        while True:
+            tokens = np.asarray(ds.tokens[:n])
+            logprobs = np.asarray(ds.logprobs[:n])
+            counts = np.asarray(ds.num_generated[:n])
+            done = np.asarray(ds.done).copy()
+            for row in range(n):
+                for j in range(emitted[row], counts[row]):
+                    yield row, int(tokens[row, j]), float(logprobs[row, j])
+                emitted[row] = counts[row]
+                if stop_strings and not done[row]:
+                    text = tokenizer.decode(tokens[row, : counts[row]].tolist())
+                    if any(s in text for s in stop_strings):
+                        done[row] = True
+            if done.all():
+                break
+            if stop_strings:
+                ds = ds.replace(done=jnp.asarray(done))
+            ds = self.step(ds)
+        yield self._completions(ds, prompts, stop_strings, tokenizer)
+
+    def _completions(self, ds, prompts, stop_strings, tokenizer) -> list[Completion]:
+        n = len(prompts)
+        tokens = np.asarray(ds.tokens[:n])
+        logprobs = np.asarray(ds.logprobs[:n])
+        counts = np.asarray(ds.num_generated[:n])
+        stop_ids = set(np.asarray(ds.stop_ids).tolist())
+        out = []
+        for row in range(n):
+            toks = tokens[row, : counts[row]].tolist()
+            lps = logprobs[row, : counts[row]].tolist()
+            reason = "stop" if toks and toks[-1] in stop_ids else "length"
+            text = None
+            if tokenizer is not None:
+                body = toks[:-1] if reason == "stop" else toks
+                text = tokenizer.decode(body)
+                for s in stop_strings:
+                    cut = text.find(s)
+                    if cut >= 0:
+                        text, reason = text[:cut], "stop"
+            out.append(Completion(list(prompts[row]), toks, lps, reason, text))
+        return out
