@@ -190,7 +190,8 @@ _PARSE_CASES = [
     # JSON {"name": ..., "parameters": ...}
     ('{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}<|eot_id|>',
      [("get_weather", {"city": "Paris", "days": 3})], ""),
-    ('{"name": "get_weather", "parameters": {"city": "Paris"', None, '{"name": "get_weather", "parameters": {"city": "Paris"'),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"', None,
+     '{"name": "get_weather", "parameters": {"city": "Paris"'),
     ('{"name": "Bob", "age": 3}', None, '{"name": "Bob", "age": 3}'),
     ('[{"name": "a", "parameters": {}}, {"name": "b", "parameters": {"x": 1}}]', [("a", {}), ("b", {"x": 1})], ""),
     ('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}<|eom_id|>',
@@ -363,7 +364,8 @@ def test_chat_format_for(tok, tmp_path):
     import io
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["the quick brown fox jumps over the lazy dog", "hello world"] * 20),
+    text = ["the quick brown fox jumps over the lazy dog", "hello world"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text),
                                    model_writer=buf, vocab_size=40, model_type="bpe", minloglevel=2)
     (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
     sp_tok = Tokenizer.from_file(tmp_path / "tokenizer.model")
