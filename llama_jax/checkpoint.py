@@ -379,3 +379,19 @@ class CheckpointWriter:
             raise
         self._done = True
         return self.path
+
+
+def read_param(path: str | os.PathLike, name: str, layer: int | None = None) -> np.ndarray:
+    """Host numpy copy of stored parameter ``name`` (dotted, e.g. ``layers.mlp.up_proj``), or of one ``layer``
+    slice of a stacked parameter, read with tensorstore without loading anything else (used by exporters).
+
+    Raises FileNotFoundError naming the missing parameter array.
+    """
+    import tensorstore as ts
+    array_dir = os.path.join(os.fspath(path), PARAMS_DIR, name)
+    if not os.path.isfile(os.path.join(array_dir, ".zarray")):
+        raise FileNotFoundError(f"{array_dir}: parameter array missing")
+    arr = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": array_dir}, "open": True}).result()
+    if layer is not None:
+        arr = arr[layer]
+    return np.asarray(arr.read().result())
