@@ -1,0 +1,66 @@
+"""Multi-host: two processes on 127.0.0.1 (4 fake CPU devices each) vs one process; flag validation."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llama_jax import distributed as D
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "workers", "multihost.py")
+TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def test_two_process_sharded_forward_equals_single_process(tmp_path):
+    ref_out, out = tmp_path / "ref.npy", tmp_path / "multi.npy"
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, WORKER, "worker", str(out), f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        ref = subprocess.run([sys.executable, WORKER, "ref", str(ref_out)], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:               # bounded: never leave a worker waiting on its peer
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    multi, single = np.load(out), np.load(ref_out)
+    assert multi.shape == single.shape == (4, 8, 256)
+    np.testing.assert_allclose(multi, single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (("127.0.0.1:1234", None, 0), "--num_processes"),
+    (("127.0.0.1", 2, 0), "--coordinator_address"),
+    (("127.0.0.1:1234", 2, 2), "--process_id"),
+    (("127.0.0.1:1234", 0, 0), "--num_processes"),
+])
+def test_bad_flags(args, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        D.initialize(*args)
+
+
+def test_single_process_is_a_no_op():
+    assert D.initialize() is False
+    assert D.initialize("127.0.0.1:1234", 1, 0) is False

@@ -1,0 +1,58 @@
+"""Worker for tests/test_distributed.py: a sharded forward across two processes on 127.0.0.1.
+
+  python tests/workers/multihost.py ref OUT.npy
+      one process, one device: unsharded Llama(seed 0) logits of the fixed batch.
+  python tests/workers/multihost.py worker OUT.npy --coordinator_address=127.0.0.1:PORT --num_processes=2
+      --process_id=I
+      each process has 4 fake CPU devices; the (data, fsdp, tensor) = (1, 2, 4) mesh spans both processes
+      (fsdp across processes). Parameters are initialised sharded from birth, each process feeds only its own batch
+      rows, and process 0 writes the gathered logits (plus its own row range) to OUT.npy.
+"""
+
+import os
+import sys
+
+MODE, OUT = sys.argv[1], sys.argv[2]
+if MODE == "worker":
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from llama_jax import distributed as D  # noqa: E402
+from llama_jax import sharding as S  # noqa: E402
+from llama_jax.config import LlamaConfig  # noqa: E402
+from llama_jax.model import Llama  # noqa: E402
+
+CONFIG = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden_dim=128,
+                     max_seq_len=64, rope_theta=10000.0)
+B, T = 4, 8
+TOKENS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (B, T)).astype(np.int32)
+
+
+def main():
+    if MODE == "ref":
+        model = Llama(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+        np.save(OUT, np.asarray(model(jnp.asarray(TOKENS))))
+        return
+    flags.FLAGS(sys.argv[2:])
+    assert D.initialize_from_flags()
+    assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+    mesh = S.make_mesh(data=1, fsdp=2, tensor=4)
+    model = S.init_sharded(CONFIG, mesh, rngs_seed=0, param_dtype=jnp.float32)
+    graphdef, state = nnx.split(model)
+    rows = D.process_rows(mesh, (B, T))
+    assert rows.stop - rows.start == B // 2, rows           # each process loads only its half of the batch
+    tokens = D.global_batch(TOKENS[rows], mesh, (B, T))
+    forward = S.jit_model_call(graphdef, S.state_shardings(state, mesh), mesh, B, CONFIG.vocab_size)
+    logits = D.to_host(forward(state, tokens))
+    D.sync("logits gathered")
+    if D.is_primary():
+        np.save(OUT, logits)
+
+
+if __name__ == "__main__":
+    main()
