@@ -61,7 +61,8 @@ def load_pth(path: str):
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [l.strip() for l in str(e).splitlines() if "global" in l.lower()] or [type(e).__name__]
+        first = lines[0][:200]
         raise ConversionError(f"{path}: refused to unpickle: not a plain tensor checkpoint ({first})") from None
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
