@@ -139,3 +139,28 @@ def test_impossible_rules_are_refused():
         S.validate_rules(rules)
     with pytest.raises(ValueError, match="repeats"):
         S.validate_rules(dict(S.DEFAULT_RULES, batch=("data", "data")))
+
+
+# ------------------------------------------------------------------------------------ restore onto a mesh
+@pytest.fixture(scope="module")
+def restored(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("restore")
+    run_worker("restore_mesh.py", tmp / "ckpt", tmp / "restore.json")
+    return json.loads((tmp / "restore.json").read_text())
+
+
+@pytest.mark.parametrize("mesh", ["1x1x8", "2x2x2"])
+def test_restore_onto_mesh_never_materialises_a_full_parameter(restored, mesh):
+    r = restored[mesh]
+    assert r["diff"] == 0.0                                   # exact round trip (float32)
+    params = r["params"]
+    for path, p in params.items():
+        assert p["spec"] == p["want"], (path, p)              # restored straight into the rules' sharding
+        assert p["devices"] == 8
+    # Per-device budget = the largest per-device shard of any parameter (under half the largest parameter): no
+    # buffer created during the restore, and no live buffer afterwards, exceeds it.
+    largest_shard = max(p["nbytes"] * p["fraction"] for p in params.values())
+    largest_param = max(p["nbytes"] for p in params.values())
+    assert r["restore_buffers"] > 0
+    assert r["largest_restore_buffer"] <= largest_shard < largest_param / 2
+    assert r["largest_live_buffer"] <= largest_shard
