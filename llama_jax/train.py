@@ -140,7 +140,16 @@ def loss_fn(graphdef, params, batch) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------------- optimizer
 def _path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    """Key path -> names (dict keys, attribute names, sequence indices as strings)."""
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
 
 
 def weight_decay_mask(params, decay_norms_and_embeddings: bool):
@@ -348,7 +357,7 @@ class Trainer:
             g = jax.tree.map(lambda x: x / denom, g)
             updates, opt_state = tx.update(g, state["opt_state"], trainable)
             params = optax.apply_updates(trainable, updates)
-            metrics = {"loss": s / denom, "tokens": n, "grad_norm": optax.global_norm(g),
+            metrics = {"loss": s / denom, "tokens": n, "grad_norm": optax.tree.norm(g),
                        "lr": schedule(state["step"])}
             rng = jax.random.split(state["rng"])[0]
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}, metrics
@@ -408,6 +417,24 @@ class Trainer:
         return model
 
 
+def host_random_model(config, seed: int = 0, std: float = 0.02, **model_kwargs):
+    """A :class:`llama_jax.model.Llama` with N(0, std) weights (norm scales 1) drawn by numpy on the host.
+
+    Same distribution as the model's own initialiser but no XLA compilation per parameter shape (seconds each
+    on a loaded CPU), for tests and smoke runs. ``model_kwargs`` go to ``Llama`` (param_dtype, remat, ...).
+    """
+    from llama_jax.model import Llama
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), **model_kwargs))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        if _path_names(path)[-1] == "scale":
+            return jnp.ones(x.shape, x.dtype)
+        return jnp.asarray((std * rng.standard_normal(x.shape)).astype(np.float32), x.dtype)
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state)))
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
 class Checkpointer:
     """Orbax ``CheckpointManager`` for train states: save every ``save_every`` steps, keep ``keep``, async.
@@ -429,7 +456,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
                                                  enable_async_checkpointing=async_save, create=True),
-            item_names=("state", "meta"))
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -472,7 +499,9 @@ def _flatten_paths(tree) -> dict[str, Any]:
 def _check_shapes(target, saved_meta, where: str) -> None:
     want = _flatten_paths(target)
     have = _flatten_paths(saved_meta)
-    for path, x in want.items():
+    order = sorted(want, key=lambda p: not p.startswith("params."))      # name model parameters first
+    for path in order:
+        x = want[path]
         if path not in have:
             raise ValueError(f"checkpoint {where}: parameter {path!r} (shape {tuple(x.shape)}) is missing; the "
                              f"checkpoint is from a different model or LoRA configuration")
