@@ -80,6 +80,20 @@ def torch_to_numpy(t) -> np.ndarray:
     return t.contiguous().numpy().copy()
 
 
+def bound_malloc() -> None:
+    """glibc only (best effort): serve allocations >= 1 MiB with mmap and cap malloc arenas at 2, so buffers freed
+    after each layer go back to the OS instead of lingering in per-thread heaps (glibc's dynamic mmap threshold
+    otherwise grows to the largest freed block and resident memory creeps up layer after layer)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)         # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def convert(source: Source, output: str, dtype=None, overwrite: bool = False, progress: bool = True) -> str:
     """Streams ``source`` into a llama-jax checkpoint at ``output``; returns its path.
 
@@ -87,6 +101,7 @@ def convert(source: Source, output: str, dtype=None, overwrite: bool = False, pr
     copied into ``output``/tokenizer. On any error nothing is left at ``output``.
     """
     import tempfile
+    bound_malloc()
     cfg = source.config
     dtype = np.dtype(dtype or source.dtype)
     with checkpoint.CheckpointWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer, \
