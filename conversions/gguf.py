@@ -172,7 +172,13 @@ class GGUFSource(Source):
         self._release()
 
     def prepare_tokenizer(self, workdir: str) -> list:
+        """The embedded vocabulary as tokenizer files (``llama_jax.tokenizer.Tokenizer.save``); none when the
+        GGUF has no ``tokenizer.ggml.model`` (weights-only file)."""
         from llama_jax.tokenizer import Tokenizer
+        if "tokenizer.ggml.model" not in self.reader.fields:
+            from absl import logging
+            logging.warning("%s: no embedded tokenizer (tokenizer.ggml.model missing); none stored", self.path)
+            return []
         out = os.path.join(workdir, "tokenizer")
         Tokenizer.from_file(self.path).save(out)
         return [out]

@@ -48,11 +48,12 @@ def test_smollm2_gguf_logits_match_transformers(tmp_path):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-def _tiny_gguf(path, qtype_name="Q8_0"):
-    """A 1-layer Llama GGUF with all weight matrices of type ``qtype_name`` (raw bytes, valid sizes)."""
+def _tiny_gguf(path, qtype_name="Q8_0", d=64, rope_freqs=None):
+    """A 1-layer Llama GGUF whose weight matrices are of type ``qtype_name``: quantized from random floats where
+    the gguf package can quantize, else random bytes of the right block size. Returns {name: float source}."""
     import gguf
     w = gguf.GGUFWriter(str(path), "llama")
-    d, f, v, n, k = 64, 128, 256, 4, 2
+    f, v, n, k, h = 256, 256, 4, 2, d // 4
     w.add_block_count(1)
     w.add_context_length(256)
     w.add_embedding_length(d)
@@ -65,21 +66,80 @@ def _tiny_gguf(path, qtype_name="Q8_0"):
     qtype = gguf.GGMLQuantizationType[qtype_name]
     shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "output.weight": (v, d),
               "blk.0.attn_norm.weight": (d,), "blk.0.ffn_norm.weight": (d,),
-              "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (k * 16, d), "blk.0.attn_v.weight": (k * 16, d),
-              "blk.0.attn_output.weight": (d, d), "blk.0.ffn_gate.weight": (f, d), "blk.0.ffn_up.weight": (f, d),
+              "blk.0.attn_q.weight": (n * h, d), "blk.0.attn_k.weight": (k * h, d), "blk.0.attn_v.weight": (k * h, d),
+              "blk.0.attn_output.weight": (d, n * h), "blk.0.ffn_gate.weight": (f, d), "blk.0.ffn_up.weight": (f, d),
               "blk.0.ffn_down.weight": (d, f)}
+    floats = {}
     for name, shape in shapes.items():
         x = rng.standard_normal(shape).astype(np.float32)
+        floats[name] = x
         if len(shape) == 1 or qtype_name == "F32":
             w.add_tensor(name, x)
-        else:
+            continue
+        try:
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        except NotImplementedError:
             block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
             raw = rng.integers(0, 255, (shape[0], shape[1] // block * nbytes), dtype=np.uint8)
             w.add_tensor(name, raw, raw_dtype=qtype)
+            floats[name] = None
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return floats
+
+
+TOLERANCE = {"F32": 0, "F16": 2e-3, "BF16": 2e-2, "Q8_0": 3e-2, "Q4_0": 0.6, "Q4_1": 0.5}
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_tensor_types_and_rope_layout(tmp_path, qtype):
+    """Every supported type converts; q/k rows are moved from interleaved to half-split order (checked with an
+    index formula written independently of conversions.layout), values match gguf's dequantization and, where the
+    source floats are known, the floats within the quantization error."""
+    import gguf
+
+    from conversions.common import convert
+    from conversions.gguf import GGUFSource
+    from llama_jax import checkpoint
+    floats = _tiny_gguf(tmp_path / "t.gguf", qtype, d=256)
+    out = convert(GGUFSource(str(tmp_path / "t.gguf")), str(tmp_path / "out"), progress=False)
+    cfg = checkpoint.read_config(out)
+    assert (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim) == (256, 4, 2, 64, 256)
+    reader = gguf.GGUFReader(str(tmp_path / "t.gguf"))
+    t = {x.name: x for x in reader.tensors}
+    for key, name, heads in (("blk.0.attn_q.weight", "layers.attention.q_proj", 4),
+                             ("blk.0.attn_k.weight", "layers.attention.k_proj", 2)):
+        deq = gguf.quants.dequantize(t[key].data, t[key].tensor_type).reshape(heads * 64, 256)
+        ours = checkpoint.read_param(out, name, layer=0)          # [D, heads, H]
+        expect = np.empty_like(ours)
+        for hd in range(heads):
+            for i in range(32):
+                for j in range(2):
+                    expect[:, hd, j * 32 + i] = deq[hd * 64 + 2 * i + j]
+        np.testing.assert_array_equal(ours, expect, err_msg=key)
+        if floats[key] is not None:
+            src = floats[key].reshape(heads, 32, 2, 256)
+            np.testing.assert_allclose(ours[:, :, :32], src[:, :, 0].transpose(2, 0, 1), atol=TOLERANCE[qtype])
+    emb = checkpoint.read_param(out, "embedder.embedding")
+    np.testing.assert_array_equal(emb, gguf.quants.dequantize(t["token_embd.weight"].data,
+                                                              t["token_embd.weight"].tensor_type).reshape(256, 256))
+
+
+def test_gguf_llama31_rope_freqs(tmp_path):
+    from conversions.gguf import GGUFSource
+    from llama_jax.config import RopeScaling
+    from llama_jax.rope import inverse_frequencies
+    s = RopeScaling()
+    factors = inverse_frequencies(16, 10000.0) / inverse_frequencies(16, 10000.0, s)
+    _tiny_gguf(tmp_path / "r.gguf", "F32", rope_freqs=factors)
+    assert GGUFSource(str(tmp_path / "r.gguf")).config.rope_scaling == s
+    _tiny_gguf(tmp_path / "bad.gguf", "F32", rope_freqs=factors * 1.5)
+    with pytest.raises(ValueError, match="bad.gguf: rope_freqs.weight does not match"):
+        GGUFSource(str(tmp_path / "bad.gguf"))
 
 
 def test_tiny_gguf_q8_converts(tmp_path):
@@ -90,7 +150,7 @@ def test_tiny_gguf_q8_converts(tmp_path):
 
 
 def test_unknown_gguf_tensor_type_refused(tmp_path):
-    _tiny_gguf(tmp_path / "bad.gguf", "Q2_K")
+    _tiny_gguf(tmp_path / "bad.gguf", "Q2_K", d=256)
     r = _cli("--source=gguf", f"--input={tmp_path / 'bad.gguf'}", f"--output={tmp_path / 'out'}")
     assert r.returncode != 0
     assert "bad.gguf" in r.stderr and "Q2_K" in r.stderr and "not supported" in r.stderr, r.stderr[-2000:]
