@@ -53,7 +53,9 @@ flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha")
 flags.DEFINE_list("lora_targets", ["q_proj", "v_proj"], "LoRA projections")
 flags.DEFINE_enum("remat", None, ["full", "dots"], "rematerialisation policy")
 flags.DEFINE_string("compute_dtype", None, "activation dtype (default float32 on CPU, bfloat16 on accelerators)")
-flags.DEFINE_enum("chat_template", "chatml", ["chatml", "llama3"], "rendering of JSONL 'messages' documents")
+flags.DEFINE_enum("chat_template", "auto", ["auto", "chatml", "llama3"],
+                  "rendering of JSONL 'messages' documents; auto: llama_jax.chat's Llama 3.1 format for a Llama 3 "
+                  "vocabulary, else ChatML")
 flags.DEFINE_string("mesh", "", "device mesh, e.g. 'fsdp=4,tensor=2' (default: one device)")
 flags.DEFINE_integer("save_every", 10, "checkpoint every N steps")
 flags.DEFINE_integer("keep", 2, "checkpoints kept")
@@ -205,12 +207,16 @@ def main(argv):
     print(f"model {ckpt_dir}: {model.num_params() / 1e6:.1f}M parameters, loaded in {time.time() - t0:.1f}s")
 
     # ---- data: held-out documents never enter training
-    template = {"chatml": data.CHATML, "llama3": data.LLAMA3}[FLAGS.chat_template]
+    template = {"chatml": data.CHATML, "llama3": data.LLAMA3, "auto": data.CHATML}[FLAGS.chat_template]
+    dialog_fn = None
+    if FLAGS.chat_template == "auto" and all(t in tok.special_tokens for t in ("<|start_header_id|>", "<|eot_id|>")):
+        from llama_jax import chat
+        dialog_fn = chat.chat_format_for(tok).encode_dialog_for_training
     encode = lambda s: tok.encode(s, allowed_special="all")
     held_docs = [d for i, d in enumerate(docs) if i % FLAGS.holdout_every == 0]
     train_docs = [d for i, d in enumerate(docs) if i % FLAGS.holdout_every != 0]
     tokd = lambda ds: data.tokenize_documents(ds, encode, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                                              chat_template=template)
+                                              chat_template=template, encode_dialog_fn=dialog_fn)
     try:
         train_rows = data.pack_documents(tokd(train_docs), FLAGS.seq_len)
         held_rows = data.pack_documents(tokd(held_docs), FLAGS.seq_len)

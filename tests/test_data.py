@@ -159,3 +159,25 @@ def test_invalid_jsonl_line_is_named(tmp_path):
     p.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected a 'text' or 'messages'"):
         data.read_documents(p)
+
+
+def test_chat_mask_agrees_with_llama3_chat_format():
+    """Our piecewise LLAMA3 rendering == llama_jax.chat's ChatFormat (tokens and SFT weights), real tokenizer."""
+    from llama_jax import assets, chat
+    from llama_jax.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(assets.llama3_tokenizer_path())
+    fmt = chat.chat_format_for(tok)
+    dialog = [{"role": "system", "content": "You are terse."},
+              {"role": "user", "content": "What is two plus two?"},
+              {"role": "assistant", "content": "Four."},
+              {"role": "user", "content": "And three plus three?"},
+              {"role": "assistant", "content": "Six, of course."}]
+    ids, w = fmt.encode_dialog_for_training(dialog)
+    ours, our_w = data.encode_dialog(dialog, lambda s: tok.encode(s, allowed_special="all"), data.LLAMA3)
+    assert ours.tolist() == list(ids) and our_w.tolist() == list(w)
+    eot = tok.special_tokens["<|eot_id|>"]
+    expect = tok.encode("Four.") + [eot] + tok.encode("Six, of course.") + [eot]
+    out = data.tokenize_documents([data.Document(messages=tuple(dialog))], None,
+                                  encode_dialog_fn=fmt.encode_dialog_for_training)
+    rows = data.pack_documents(out, seq_len=32)
+    assert rows["targets"][rows["loss_mask"] > 0].tolist() == expect
