@@ -292,7 +292,7 @@ def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     try:
-        sizes = S.parse_mesh(FLAGS.mesh)
+        sizes = S.parse_mesh_sizes(FLAGS.mesh)
         config = get_preset(FLAGS.model)
         dtype = jnp.dtype(FLAGS.dtype)
         if not 0 < FLAGS.usable_fraction <= 1:

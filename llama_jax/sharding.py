@@ -92,10 +92,9 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
     return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(axis_type,) * 3, devices=devices)
 
 
-def parse_mesh(flag: str) -> dict[str, int]:
-    """Parses a ``--mesh`` flag such as ``"data=1,fsdp=2,tensor=4"`` (missing axes are 1; "" means all 1).
-
-    Returns a dict with keys data, fsdp, tensor, for ``make_mesh(**parse_mesh(flag))``.
+def parse_mesh_sizes(flag: str) -> dict[str, int]:
+    """Parses a ``--mesh`` flag such as ``"data=1,fsdp=2,tensor=4"`` into axis sizes (missing axes are 1;
+    "" means all 1). Returns a dict with keys data, fsdp, tensor.
 
     Raises:
       ValueError: unknown axis name, repeated axis, or a size that is not a positive integer (names the item).
@@ -122,9 +121,14 @@ def parse_mesh(flag: str) -> dict[str, int]:
     return out
 
 
-def mesh_from_flag(flag: str, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """``make_mesh(**parse_mesh(flag), devices=devices)``."""
-    return make_mesh(**parse_mesh(flag), devices=devices)
+def parse_mesh(flag: str, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The mesh of a ``--mesh`` flag: ``make_mesh(**parse_mesh_sizes(flag), devices=devices)``.
+
+    Raises:
+      ValueError: a malformed flag (:func:`parse_mesh_sizes`) or a mesh whose size differs from the device count
+        (:func:`make_mesh`).
+    """
+    return make_mesh(**parse_mesh_sizes(flag), devices=devices)
 
 
 # ----------------------------------------------------------------------------------------------- rules

@@ -24,6 +24,7 @@ def run_worker(script, *args, timeout=600, devices=8):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
+    env["LLAMA_JAX_COMPILATION_CACHE"] = ""        # hermetic: no persistent XLA cache
     proc = subprocess.run([sys.executable, os.path.join(WORKERS, script), *map(str, args)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -45,8 +46,16 @@ def test_sharded_logits_and_greedy_tokens_match_one_device(parity, mesh):
     r = parity[mesh]
     assert r["logits_diff"] <= 1e-5, r["logits_diff"]
     assert r["tokens"] == parity["ref_tokens"]
-    # Sharded-from-birth init computes the same values as the unsharded init of the same seed.
-    assert r["init_diff"] <= 1e-6
+    if "engine_tokens" in r:                    # llama_jax.engine.Engine.generate on the sharded parameters
+        assert r["engine_tokens"] == parity["engine_ref_tokens"]
+        assert any("tensor" in spec or "fsdp" in spec for spec in r["engine_specs"])
+    if "init_diff" in r:                        # sharded-from-birth init == unsharded init of the same seed
+        assert r["init_diff"] <= 1e-6
+
+
+def test_parity_worker_covered_init_and_engine(parity):
+    assert sum("init_diff" in parity[m] for m in MESHES) == 2
+    assert sum("engine_tokens" in parity[m] for m in MESHES) == 2
 
 
 @pytest.mark.parametrize("mesh", ["1x1x8", "1x8x1"])
@@ -84,13 +93,21 @@ def test_mesh_size_must_match_device_count():
 
 
 def test_parse_mesh():
-    assert S.parse_mesh("data=1,fsdp=2,tensor=4") == {"data": 1, "fsdp": 2, "tensor": 4}
-    assert S.parse_mesh("tensor=8") == {"data": 1, "fsdp": 1, "tensor": 8}
-    assert S.parse_mesh("") == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert S.parse_mesh_sizes("data=1,fsdp=2,tensor=4") == {"data": 1, "fsdp": 2, "tensor": 4}
+    assert S.parse_mesh_sizes("tensor=8") == {"data": 1, "fsdp": 1, "tensor": 8}
+    assert S.parse_mesh_sizes("") == {"data": 1, "fsdp": 1, "tensor": 1}
     for bad, culprit in [("model=2", "'model'"), ("tensor=two", "'tensor'"), ("tensor=0", "'tensor'"),
                          ("tensor=2,tensor=2", "'tensor'"), ("tensor", "'tensor'")]:
         with pytest.raises(ValueError, match=culprit):
+            S.parse_mesh_sizes(bad)
+        with pytest.raises(ValueError, match=culprit):
             S.parse_mesh(bad)
+    n = jax.device_count()
+    mesh = S.parse_mesh(f"tensor={n}")
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": n}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    with pytest.raises(ValueError, match="tensor=%d" % (n + 1)):
+        S.parse_mesh(f"tensor={n + 1}")
 
 
 class FakeMesh:
