@@ -451,7 +451,10 @@ class Checkpointer:
                  async_save: bool = True):
         import orbax.checkpoint as ocp
         self._ocp = ocp
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.save_every = save_every
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
@@ -463,12 +466,12 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: Mapping, *, force: bool = False) -> bool:
         ocp = self._ocp
-        if not (force or self.manager.should_save(step)):
+        if not force and (step % self.save_every or step in (self.manager.all_steps() or ())):
             return False
         # a private copy: the train step donates its state buffers, which an asynchronous save may still read
         state = jax.tree.map(jnp.copy, state)
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               meta=ocp.args.JsonSave(dict(meta))), force=force)
+                                                               meta=ocp.args.JsonSave(dict(meta))), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
