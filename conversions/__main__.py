@@ -21,15 +21,21 @@ import sys
 
 from absl import app, flags
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("source", None, ["meta", "hf", "gguf", "orbax"], "Input format.")
-flags.DEFINE_enum("target", None, ["hf", "meta"], "Export format (only with --source=orbax).")
-flags.DEFINE_string("input", None, "Input directory (meta, hf, orbax) or .gguf file.")
-flags.DEFINE_string("output", None, "Output directory (must not exist unless --overwrite).")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                  "Stored parameter dtype (default: the source's dtype; quantized GGUF -> float32).")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
-flags.DEFINE_bool("progress", True, "Show a tqdm progress bar (bytes).")
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
+    """Defines the tool's flags on ``fv``. Done by :func:`run`, not at import, so that importing this module (for
+    :func:`convert_from_flags`) never clashes with other programs' flags (e.g. ``--dtype``) in one process."""
+    flags.DEFINE_enum("source", None, ["meta", "hf", "gguf", "orbax"], "Input format.", flag_values=fv)
+    flags.DEFINE_enum("target", None, ["hf", "meta"], "Export format (only with --source=orbax).", flag_values=fv)
+    flags.DEFINE_string("input", None, "Input directory (meta, hf, orbax) or .gguf file.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Output directory (must not exist unless --overwrite).", flag_values=fv)
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                      "Stored parameter dtype (default: the source's dtype; quantized GGUF -> float32).",
+                      flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --output.", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "Show a tqdm progress bar (bytes).", flag_values=fv)
+    return fv
 
 
 def convert_from_flags(source: str, input: str, output: str, target: str | None = None, dtype: str | None = None,
@@ -71,14 +77,14 @@ def convert_from_flags(source: str, input: str, output: str, target: str | None 
         src.close()
 
 
-def main(argv):
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
+    """Runs the tool with parsed flags ``fv``; exits with status 1 (message on stderr) on bad input."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.source is None:
+    if fv.source is None:
         raise app.UsageError("--source is required")
     try:
-        out = convert_from_flags(FLAGS.source, FLAGS.input, FLAGS.output, FLAGS.target, FLAGS.dtype,
-                                 FLAGS.overwrite, FLAGS.progress)
+        out = convert_from_flags(fv.source, fv.input, fv.output, fv.target, fv.dtype, fv.overwrite, fv.progress)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -87,6 +93,7 @@ def main(argv):
 
 def run():
     """Console-script entry point ``llama-jax-convert``."""
+    define_flags()
     app.run(main)
 
 

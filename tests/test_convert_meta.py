@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from absl import flags as absl_flags
 
 from conversions import __main__ as cli
 from conversions.__main__ import convert_from_flags
@@ -52,10 +53,10 @@ def _logits(ckpt):
 def _run_cli(*flags):
     """The CLI in-process: returns its exit status (absl flags parsed like the console script)."""
     argv = ["llama-jax-convert", "--noprogress", *flags]
-    cli.FLAGS.unparse_flags()
-    cli.FLAGS(argv)
+    fv = cli.define_flags(absl_flags.FlagValues())   # private flag set: nothing global is touched
+    fv(argv)
     try:
-        cli.main(argv[:1])
+        cli.main(argv[:1], fv)
     except SystemExit as e:
         return e.code
     return 0
