@@ -71,3 +71,24 @@ def hf_model(model):
 
 
 LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+
+
+def meta_state_dict(model) -> dict[str, np.ndarray]:
+    """Our parameters as Meta's ``consolidated.00.pth`` state dict (interleaved RoPE rows for wq / wk)."""
+    c = model.config
+    hf = hf_state_dict(model)
+    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
+           "output.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
+    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+             "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    for i in range(c.n_layers):
+        for ours, meta in names.items():
+            w = hf[f"model.layers.{i}.{ours}.weight"]
+            if meta == "attention.wq":
+                w = layout.half_split_to_interleaved(w, c.n_heads)
+            elif meta == "attention.wk":
+                w = layout.half_split_to_interleaved(w, c.n_kv_heads)
+            out[f"layers.{i}.{meta}.weight"] = np.ascontiguousarray(w)
+    return out

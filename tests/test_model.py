@@ -230,3 +230,19 @@ def test_public_api():
     assert llama_jax.LlamaConfig is LlamaConfig and llama_jax.Llama is Llama
     with pytest.raises(ValueError, match="known"):
         llama_jax.get_preset("llama9")
+
+
+def test_logits_match_metas_reference_transformer():
+    """Meta's own llama_models.llama3.model.Transformer (fairscale, gloo, world size 1, float32), GQA with
+    Llama 3.1 scaling (Meta's fixed constants), same weights."""
+    from tests.meta_reference import meta_forward
+    from tests.reference import meta_state_dict
+    config = tiny_config(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=192, rope_theta=500000.0,
+                         rope_scaling=LLAMA31_SCALING)
+    model = randomize(Llama(config, rngs=nnx.Rngs(7), param_dtype=jnp.float32), 7)
+    params = config.to_meta_params()
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, (2, 64))
+    ref = meta_forward(params, meta_state_dict(model), tokens)
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    assert np.max(np.abs(ref)) > 1.0
+    assert np.max(np.abs(ours - ref)) <= 1e-4, np.max(np.abs(ours - ref))
