@@ -96,14 +96,30 @@ def _var_name(path) -> str:
     return str(getattr(path[-1], "key", path[-1])) if path else ""
 
 
+def _quant_name(path) -> str | None:
+    names = [str(getattr(k, "key", k)) for k in path]
+    return next((n for n in reversed(names) if n in QUANT_REDUCE), None)
+
+
+def quantize_state(state):
+    """Concrete counterpart of :func:`abstract_quantized`: int8 ``QArray``s for every quantizable parameter of an
+    ``nnx.State`` (per-output-channel scales in the parameter dtype); other variables unchanged."""
+    def one(path, var):
+        name = _quant_name(path)
+        if name is None:
+            return var
+        axes = tuple(var.get_metadata()["out_sharding"])
+        return var.replace(quantize(var.get_value(), tuple(i for i, a in enumerate(axes) if a in QUANT_REDUCE[name])))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def abstract_quantized(state, mesh, rules=None):
     """Replaces the values of quantizable parameters of an abstract, sharded state by abstract ``QArray``s.
 
     q keeps the weight's shape and sharding (int8); scale has size 1 on the reduced axes (replicated there).
     """
     def one(path, var):
-        names = [str(getattr(k, "key", k)) for k in path]
-        name = next((n for n in reversed(names) if n in QUANT_REDUCE), None)
+        name = _quant_name(path)
         if name is None:
             return var
         axes = tuple(var.get_metadata()["out_sharding"])
@@ -168,7 +184,6 @@ def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch
     Raises:
       ValueError: bad quant / sizes, or a mesh that cannot shard the model (from ``sharding.validate``).
     """
-    from llama_jax.kv_cache import KVCache  # noqa: F401  (the cache pytree type)
     if quant not in QUANT:
         raise ValueError(f"--quant must be one of {QUANT}, got {quant!r}")
     if batch < 1:

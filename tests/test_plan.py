@@ -65,3 +65,37 @@ def test_bad_input_exits_nonzero_naming_the_culprit(tmp_path, flags, culprit):
     assert proc.returncode != 0
     assert culprit in proc.stderr, proc.stderr[-2000:]
     assert report is None and not list(tmp_path.iterdir())      # nothing written
+
+
+def test_int8_weights_run_through_the_model():
+    """The int8 layout the planner models is a working model: QArray params (int8 + per-output-channel scales)
+    give the logits of the same model with the dequantized weights, and differ from float32 by rounding only."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from llama_jax import plan
+    from llama_jax.config import LlamaConfig
+    from llama_jax.model import Llama
+
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32)))
+    state = jax.jit(lambda: nnx.state(Llama(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32)))()
+    qstate = jax.jit(plan.quantize_state)(state)
+    qarrays = [v for v in jax.tree.leaves(qstate, is_leaf=lambda x: isinstance(x, plan.QArray))
+               if isinstance(v, plan.QArray)]
+    assert len(qarrays) == 9                               # embedding, lm_head, q/k/v/o, gate/up/down
+    q_proj = qstate["layers"]["attention"]["q_proj"].get_value()
+    assert q_proj.q.dtype == jnp.int8 and q_proj.scale.shape == (2, 1, 4, 8)      # [L, 1 (embed), N, H]
+    down = qstate["layers"]["mlp"]["down_proj"].get_value()
+    assert down.scale.shape == (2, 1, 32)                                          # [L, 1 (mlp), D]
+    tokens = jnp.arange(10, dtype=jnp.int32)[None] % cfg.vocab_size
+    deq = jax.tree.map(lambda x: x[...] if isinstance(x, plan.QArray) else x, qstate,
+                       is_leaf=lambda x: isinstance(x, plan.QArray))
+    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+    q_logits = forward(qstate, tokens)
+    np.testing.assert_allclose(q_logits, forward(deq, tokens), atol=1e-6)
+    f_logits = forward(state, tokens)
+    err = float(jnp.max(jnp.abs(q_logits - f_logits)))
+    assert 0 < err < 0.05 * float(jnp.max(jnp.abs(f_logits)))

@@ -181,3 +181,14 @@ def test_restore_onto_mesh_never_materialises_a_full_parameter(restored, mesh):
     assert r["restore_buffers"] > 0
     assert r["largest_restore_buffer"] <= largest_shard < largest_param / 2
     assert r["largest_live_buffer"] <= largest_shard
+
+
+def test_405b_on_a_16_way_tensor_axis_replicates_its_8_kv_heads():
+    from llama_jax.config import get_preset
+    cfg = get_preset("llama3.1-405b")
+    mesh = FakeMesh(tensor=16)
+    S.validate(cfg, mesh)                                      # not refused
+    kv = S.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (cfg.n_layers, cfg.dim, 8, 128), mesh)
+    q = S.logical_to_spec(("layers", "embed", "q_heads", "head_dim"), (cfg.n_layers, cfg.dim, 128, 128), mesh)
+    assert kv == jax.sharding.PartitionSpec(None, None, None, None)
+    assert q == jax.sharding.PartitionSpec(None, None, "tensor", None)
