@@ -25,6 +25,7 @@ setup(
         "jinja2",
         "gguf",
         "safetensors",
+        "tensorstore",
     ],
     extras_require={
         # reading Meta .pth checkpoints; the CPU build of this version is on local disk

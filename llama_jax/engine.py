@@ -99,11 +99,32 @@ class Completion:
     text: str | None = None
 
 
-def _emit(ds: DecodeState, logits: jax.Array) -> DecodeState:
+@dataclasses.dataclass(frozen=True)
+class SamplingMode:
+    """Which sampling filters any row uses: static, so unused filters cost nothing in the compiled step."""
+
+    greedy: bool = True
+    top_k: bool = False
+    top_p: bool = False
+    min_p: bool = False
+
+    @classmethod
+    def of(cls, temperature, top_k, top_p, min_p) -> "SamplingMode":
+        if np.all(np.asarray(temperature) <= 0):
+            return cls()
+        return cls(greedy=False, top_k=bool(np.any(np.asarray(top_k) > 0)),
+                   top_p=bool(np.any(np.asarray(top_p) < 1)), min_p=bool(np.any(np.asarray(min_p) > 0)))
+
+
+def _emit(ds: DecodeState, logits: jax.Array, mode: SamplingMode) -> DecodeState:
     """Samples the next token of every row from float32 ``logits`` [B, V] and records it."""
     key, sub = jax.random.split(ds.key)
-    token = sampling.sample(logits, sub, temperature=ds.temperature, top_k=ds.top_k, top_p=ds.top_p,
-                            min_p=ds.min_p)                                            # [B]
+    if mode.greedy:
+        token = sampling.greedy(logits)                                                # [B]
+    else:
+        token = sampling.sample(logits, sub, temperature=ds.temperature,
+                                top_k=ds.top_k if mode.top_k else 0, top_p=ds.top_p if mode.top_p else 1.0,
+                                min_p=ds.min_p if mode.min_p else 0.0)                 # [B]
     logprob = sampling.log_probs(logits, token)                                       # [B]
     active = ~ds.done
     rows = jnp.arange(token.shape[0])
@@ -159,20 +180,20 @@ class Engine:
             logits = model.logits(h[:, None])[:, 0]                                      # [B, V]
             return cache, jnp.where(in_chunk[:, None], logits, last_logits)
 
-        def decode_step(params, ds: DecodeState) -> DecodeState:
+        def decode_step(params, ds: DecodeState, mode: SamplingMode) -> DecodeState:
             model = nnx.merge(graphdef, params)
             logits, cache = model(ds.last_token[:, None], kv_cache=ds.cache)              # [B, 1, V]
-            return _emit(ds.replace(cache=cache), logits[:, 0])
+            return _emit(ds.replace(cache=cache), logits[:, 0], mode)
 
-        def decode_loop(params, ds: DecodeState) -> DecodeState:
+        def decode_loop(params, ds: DecodeState, mode: SamplingMode) -> DecodeState:
             steps = ds.tokens.shape[1]
             return jax.lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.done),
-                                      lambda s: decode_step(params, s), ds)
+                                      lambda s: decode_step(params, s, mode), ds)
 
         self._prefill_chunk = jax.jit(prefill_chunk, donate_argnames=("cache", "last_logits"))
-        self._first = jax.jit(_emit, donate_argnames=("ds",))
-        self._decode_step = jax.jit(decode_step, donate_argnames=("ds",))
-        self._decode_loop = jax.jit(decode_loop, donate_argnames=("ds",))
+        self._first = jax.jit(_emit, donate_argnames=("ds",), static_argnames=("mode",))
+        self._decode_step = jax.jit(decode_step, donate_argnames=("ds",), static_argnames=("mode",))
+        self._decode_loop = jax.jit(decode_loop, donate_argnames=("ds",), static_argnames=("mode",))
 
     # ------------------------------------------------------------------ pieces
     def new_cache(self, batch_size: int, length: int) -> KVCache:
@@ -245,15 +266,20 @@ class Engine:
             temperature=per_row(temperature, np.float32, 0.0), top_k=per_row(top_k, np.int32, 0),
             top_p=per_row(top_p, np.float32, 1.0), min_p=per_row(min_p, np.float32, 0.0),
             key=jax.random.key(seed), step=jnp.int32(0))
-        return self._first(ds, logits)
+        return self._first(ds, logits, SamplingMode.of(temperature, top_k, top_p, min_p))
 
-    def step(self, ds: DecodeState) -> DecodeState:
+    @staticmethod
+    def mode(ds: DecodeState) -> SamplingMode:
+        return SamplingMode.of(np.asarray(ds.temperature), np.asarray(ds.top_k), np.asarray(ds.top_p),
+                               np.asarray(ds.min_p))
+
+    def step(self, ds: DecodeState, mode: SamplingMode | None = None) -> DecodeState:
         """One decode step (jitted; ``ds`` is donated)."""
-        return self._decode_step(self.params, ds)
+        return self._decode_step(self.params, ds, mode or self.mode(ds))
 
-    def loop(self, ds: DecodeState) -> DecodeState:
+    def loop(self, ds: DecodeState, mode: SamplingMode | None = None) -> DecodeState:
         """Decodes until every row is done, on the device (one ``jax.lax.while_loop``)."""
-        return self._decode_loop(self.params, ds)
+        return self._decode_loop(self.params, ds, mode or self.mode(ds))
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256, temperature=0.0,
@@ -299,6 +325,7 @@ class Engine:
 
     def _stream(self, ds, prompts, stop_strings, tokenizer) -> Iterator:
         n = len(prompts)
+        mode = self.mode(ds)
         emitted = np.zeros((n,), np.int64)
         texts = [[] for _ in range(n)]
         while True:
@@ -318,7 +345,7 @@ class Engine:
                 break
             if stop_strings:
                 ds = ds.replace(done=jnp.asarray(done))
-            ds = self.step(ds)
+            ds = self.step(ds, mode)
         yield self._completions(ds, prompts, stop_strings, tokenizer)
 
     def _completions(self, ds, prompts, stop_strings, tokenizer) -> list[Completion]:
