@@ -28,15 +28,18 @@ def _env():
 
 
 def test_two_process_sharded_forward_equals_single_process(tmp_path):
-    ref_out, out = tmp_path / "ref.npy", tmp_path / "multi.npy"
+    """Sharded-from-birth and checkpoint-restored models on a mesh spanning two processes give the logits of one
+    process with one device."""
+    ref_out, out, ckpt = tmp_path / "ref.npy", tmp_path / "multi.npy", tmp_path / "ckpt"
+    ref = subprocess.run([sys.executable, WORKER, "ref", str(ref_out), str(ckpt)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert ref.returncode == 0, ref.stderr[-3000:]
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, "worker", str(out), f"--coordinator_address=127.0.0.1:{port}",
-                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, WORKER, "worker", str(out), str(ckpt),
+                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
     try:
-        ref = subprocess.run([sys.executable, WORKER, "ref", str(ref_out)], cwd=ROOT, env=_env(),
-                             capture_output=True, text=True, timeout=TIMEOUT)
-        assert ref.returncode == 0, ref.stderr[-3000:]
         logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
     finally:
         for p in procs:               # bounded: never leave a worker waiting on its peer
@@ -46,8 +49,9 @@ def test_two_process_sharded_forward_equals_single_process(tmp_path):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
     multi, single = np.load(out), np.load(ref_out)
-    assert multi.shape == single.shape == (4, 8, 256)
-    np.testing.assert_allclose(multi, single, atol=1e-5, rtol=0)
+    assert single.shape == (4, 8, 256) and multi.shape == (2, 4, 8, 256)
+    np.testing.assert_allclose(multi[0], single, atol=1e-5, rtol=0)      # init_sharded
+    np.testing.assert_allclose(multi[1], single, atol=1e-5, rtol=0)      # checkpoint.load(mesh=...)
 
 
 @pytest.mark.parametrize("args,culprit", [
