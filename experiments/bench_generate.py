@@ -121,8 +121,9 @@ def main(argv):
     for label, key in rows:
         o, h = ours[key], hf.get(key)
         lim = f"{limit:8.1f}" if key == "decode_b1" else f"{'':8}"
-        print(f"| {label:34} | {o:10.1f} | {h if h is None else f'{h:12.1f}':>12} | "
-              f"{'' if h is None else f'{o / h:5.2f}x':>6} | {lim} |")
+        hf_col = "-" if h is None else f"{h:.1f}"
+        ratio = "-" if h is None else f"{o / h:.2f}x"
+        print(f"| {label:34} | {o:10.1f} | {hf_col:>12} | {ratio:>6} | {lim} |")
     b1 = ours.get("decode_b1")
     if b1:
         print(f"\nbatch-1 decode at {b1 / limit:.2f} of the bandwidth limit ({limit:.1f} tok/s = "
