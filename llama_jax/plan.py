@@ -235,7 +235,7 @@ def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch
 def _plan_train(config, graphdef, state, mesh, batch, length, rules, param_bytes, log) -> ProgramMemory:
     import optax
     from llama_jax import train as T
-    cfg = T.TrainConfig(remat=None)
+    cfg = T.TrainConfig(remat=None, warmup_steps=1)
     tx = T.make_optimizer(cfg, state)
     opt_state = jax.eval_shape(tx.init, state)
     rep = NamedSharding(mesh, PartitionSpec())

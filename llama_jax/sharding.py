@@ -161,9 +161,7 @@ def validate_rules(rules: Rules, mesh: jax.sharding.Mesh | None = None) -> None:
         for name in logical:
             if name not in rules:
                 raise ValueError(f"logical axis {name!r} (of {kind}) has no sharding rule")
-            for a in _mesh_axes(rules[name]):
-                if mesh is not None and mesh.shape[a] == 1:
-                    continue
+            for a in _mesh_axes(rules[name]):      # refused even on a size-1 axis: the table is wrong anywhere
                 if a in owner:
                     raise ValueError(f"sharding rules collide: logical axes {owner[a]!r} and {name!r} both map "
                                      f"to mesh axis {a!r}, and both are dimensions of {kind} {logical}")
