@@ -414,6 +414,7 @@ class Trainer:
             params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype), params)
         model = nnx.merge(self.graphdef, jax.tree.map(jnp.asarray, params))
         model.remat = None
+        model.param_dtype = jnp.dtype(param_dtype or jnp.float32)
         return model
 
 
