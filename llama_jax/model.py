@@ -74,11 +74,19 @@ class Embedder(nnx.Module):
         self.embedding = _param(rngs, (vocab_size, dim), ("vocab", "embed"), param_dtype, 0.02)
 
     def encode(self, tokens: jax.Array, dtype) -> jax.Array:
-        """int32 [B, T] -> [B, T, D] in ``dtype``."""
+        """int32 [B, T] -> [B, T, D] in ``dtype``. An int8 table (llama_jax.quant) dequantizes only the rows read."""
+        table = self.embedding.get_value()
+        if hasattr(table, "q") and hasattr(table, "scale"):           # llama_jax.quant.QArray, per-row scales
+            rows = jnp.take(table.q, tokens, axis=0).astype(dtype)
+            return rows * jnp.take(table.scale, tokens, axis=0).astype(dtype)
         return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V] (tied output head)."""
+        table = self.embedding.get_value()
+        if hasattr(table, "q") and hasattr(table, "scale"):           # int8: scale the logits per row (token)
+            logits = jnp.einsum("BTD,VD->BTV", x, table.q.astype(x.dtype), preferred_element_type=jnp.float32)
+            return logits * table.scale[:, 0].astype(jnp.float32)
         return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
 
