@@ -138,6 +138,32 @@ def _emit(ds: DecodeState, logits: jax.Array, mode: SamplingMode) -> DecodeState
                       done=done, key=key, step=ds.step + 1)
 
 
+def _insert_row(ds: DecodeState, row: jax.Array, cache: KVCache, logits: jax.Array, max_new: jax.Array,
+                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
+                mode: SamplingMode) -> DecodeState:
+    """Puts a prefilled 1-row ``cache`` (its float32 ``logits`` [1, V] at the last prompt token) into row ``row``
+    of ``ds``: K/V of every layer and the length are copied, the row's outputs and settings reset, and its first
+    token sampled (other rows unchanged)."""
+    k = ds.cache.k.at[:, row].set(cache.k[:, 0].astype(ds.cache.k.dtype))             # [L, B, S, K, H]
+    v = ds.cache.v.at[:, row].set(cache.v[:, 0].astype(ds.cache.v.dtype))
+    lengths = ds.cache.lengths.at[row].set(cache.lengths[0])
+    one = DecodeState(
+        cache=cache, last_token=jnp.zeros((1,), jnp.int32),
+        tokens=jnp.zeros((1, ds.tokens.shape[1]), jnp.int32), logprobs=jnp.zeros((1, ds.tokens.shape[1]), jnp.float32),
+        num_generated=jnp.zeros((1,), jnp.int32), done=jnp.zeros((1,), bool), max_new=max_new[None],
+        stop_ids=ds.stop_ids, temperature=temperature[None], top_k=top_k[None], top_p=top_p[None],
+        min_p=min_p[None], key=ds.key, step=ds.step)
+    one = _emit(one, logits, mode)
+    put = lambda full, part: full.at[row].set(part[0])                                  # noqa: E731
+    return ds.replace(
+        cache=ds.cache.replace(k=k, v=v, lengths=lengths), last_token=put(ds.last_token, one.last_token),
+        tokens=put(ds.tokens, one.tokens), logprobs=put(ds.logprobs, one.logprobs),
+        num_generated=put(ds.num_generated, one.num_generated), done=put(ds.done, one.done),
+        max_new=put(ds.max_new, one.max_new), temperature=put(ds.temperature, one.temperature),
+        top_k=put(ds.top_k, one.top_k), top_p=put(ds.top_p, one.top_p), min_p=put(ds.min_p, one.min_p),
+        key=one.key)
+
+
 class Engine:
     """Compiled prefill/decode for one model.
 
@@ -190,7 +216,12 @@ class Engine:
             return jax.lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.done),
                                       lambda s: decode_step(params, s, mode), ds)
 
+        def decode_steps(params, ds: DecodeState, mode: SamplingMode, n: int) -> DecodeState:
+            return jax.lax.fori_loop(0, n, lambda _, s: decode_step(params, s, mode), ds)
+
         self._prefill_chunk = jax.jit(prefill_chunk, donate_argnames=("cache", "last_logits"))
+        self._decode_steps = jax.jit(decode_steps, donate_argnames=("ds",), static_argnames=("mode", "n"))
+        self._insert = jax.jit(_insert_row, donate_argnames=("ds",), static_argnames=("mode",))
         self._first = jax.jit(_emit, donate_argnames=("ds",), static_argnames=("mode",))
         self._decode_step = jax.jit(decode_step, donate_argnames=("ds",), static_argnames=("mode",))
         self._decode_loop = jax.jit(decode_loop, donate_argnames=("ds",), static_argnames=("mode",))
@@ -281,6 +312,122 @@ class Engine:
         """Decodes until every row is done, on the device (one ``jax.lax.while_loop``)."""
         return self._decode_loop(self.params, ds, mode or self.mode(ds))
 
+    def steps(self, ds: DecodeState, n: int, mode: SamplingMode | None = None) -> DecodeState:
+        """``n`` decode steps in one dispatch (jitted ``fori_loop``; ``ds`` is donated). Finished rows idle."""
+        return self._decode_steps(self.params, ds, mode or self.mode(ds), n)
+
+    def insert(self, ds: DecodeState, row: int, prompt: Sequence[int], *, max_new_tokens: int | None = None,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+               mode: SamplingMode | None = None) -> DecodeState:
+        """Starts ``prompt`` in row ``row`` of a running decode state (continuous batching).
+
+        The prompt is prefilled into a 1-row cache of the same length as ``ds.cache`` (bucketed chunks, as
+        :meth:`prefill`), whose K/V (all layers) and length are scattered into row ``row``; the row's token
+        buffers, count and done flag are reset, its sampling settings set, and its first new token sampled.
+        Other rows are untouched (``ds`` is donated). ``max_new_tokens`` defaults to the buffer size
+        ``ds.tokens.shape[1]`` and may not exceed it.
+
+        Raises ValueError: row out of range, empty prompt, prompt + max_new_tokens longer than the cache, bad
+        sampling settings.
+        """
+        b, m = ds.tokens.shape
+        if not 0 <= row < b:
+            raise ValueError(f"row {row} out of range for a batch of {b}")
+        max_new = m if max_new_tokens is None else max_new_tokens
+        if not 1 <= max_new <= m:
+            raise ValueError(f"max_new_tokens must be in [1, {m}] (the state's buffer), got {max_new_tokens}")
+        sampling.validate_sampling(temperature, top_k, top_p, min_p)
+        length = ds.cache.max_length
+        if len(prompt) + max_new > length:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new} exceeds the cache "
+                             f"length {length}")
+        cache, logits = self.prefill([prompt], self.new_cache(1, length))
+        if mode is None:
+            mode = SamplingMode.of(np.append(np.asarray(ds.temperature), temperature), top_k, top_p, min_p)
+        return self._insert(ds, jnp.int32(row), cache, logits, jnp.int32(max_new), jnp.float32(temperature),
+                            jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p), mode)
+
+    def generate_continuous(self, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int = 256,
+                            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                            seed: int = 0, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                            tokenizer=None, steps_per_dispatch: int = 4) -> Iterator[tuple[int, Completion]]:
+        """Generates every prompt with continuous refilling: ``batch_size`` rows decode together and a row whose
+        sequence finished takes the next waiting prompt (:meth:`insert`) without waiting for the others.
+
+        Yields ``(index, Completion)`` as each prompt finishes (in finishing order; ``index`` into ``prompts``).
+        Decoding runs ``steps_per_dispatch`` steps per device call between host checks (finished rows idle for
+        the rest of a dispatch). Greedy results equal generating each prompt alone. Sampling settings are
+        scalars shared by all prompts; stop ids/strings and ``tokenizer`` as :meth:`generate`.
+
+        Raises ValueError as :meth:`generate` (checked for every prompt before anything runs).
+        """
+        n = len(prompts)
+        if n == 0:
+            return
+        if batch_size < 1 or steps_per_dispatch < 1:
+            raise ValueError(f"batch_size and steps_per_dispatch must be >= 1, got {batch_size}, "
+                             f"{steps_per_dispatch}")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings needs a tokenizer")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + max_new_tokens > self.max_length:
+                raise ValueError(f"prompt {i} of {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds "
+                                 f"max_length {self.max_length}")
+        stops = set(stop_ids)
+        if tokenizer is not None:
+            stops |= set(getattr(tokenizer, "stop_ids", ()))
+        b = min(batch_size, n)
+        longest = max(len(p) for p in prompts)
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        first = list(range(b))
+        # the cache must hold the longest prompt of the whole job: start with it, pad to that length
+        ds = self.start([prompts[i] for i in first], max_new_tokens=max_new_tokens, batch_size=b, seed=seed,
+                        stop_ids=sorted(stops), **settings)
+        need = bucket_length(longest + max_new_tokens, self.max_length)
+        if ds.cache.max_length < need:
+            ds = self._grow(ds, need)
+        mode = self.mode(ds)
+        owner = list(first)                      # prompt index of each row, or -1
+        waiting = list(range(b, n))[::-1]
+        stop_set = set(np.asarray(ds.stop_ids).tolist())
+        while True:
+            done = np.asarray(ds.done).copy()
+            if stop_strings:
+                counts = np.asarray(ds.num_generated)
+                tokens = np.asarray(ds.tokens)
+                for row in np.nonzero(~done)[0]:
+                    if owner[row] >= 0:
+                        text = tokenizer.decode(tokens[row, : counts[row]].tolist())
+                        if any(x in text for x in stop_strings):
+                            done[row] = True
+                ds = ds.replace(done=jnp.asarray(done))
+            finished = [row for row in range(b) if done[row] and owner[row] >= 0]
+            if finished:
+                tokens = np.asarray(ds.tokens)
+                logprobs = np.asarray(ds.logprobs)
+                counts = np.asarray(ds.num_generated)
+                for row in finished:
+                    idx = owner[row]
+                    yield idx, _completion(prompts[idx], tokens[row, : counts[row]].tolist(),
+                                           logprobs[row, : counts[row]].tolist(), stop_set, stop_strings, tokenizer)
+                    owner[row] = -1
+                    if waiting:
+                        owner[row] = waiting.pop()
+                        ds = self.insert(ds, row, prompts[owner[row]], max_new_tokens=max_new_tokens, mode=mode,
+                                         **settings)
+            if all(o < 0 for o in owner):
+                return
+            ds = self.steps(ds, steps_per_dispatch, mode)
+
+    def _grow(self, ds: DecodeState, length: int) -> DecodeState:
+        """The same state with a longer cache (zero slots appended)."""
+        pad = length - ds.cache.max_length
+        widths = [(0, 0)] * 2 + [(0, pad)] + [(0, 0)] * 2
+        cache = ds.cache.replace(k=jnp.pad(ds.cache.k, widths), v=jnp.pad(ds.cache.v, widths))
+        return ds.replace(cache=cache)
+
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256, temperature=0.0,
                  top_k=0, top_p=1.0, min_p=0.0, seed: int = 0, stop_ids: Sequence[int] = (),
@@ -356,16 +503,20 @@ class Engine:
         stop_ids = set(np.asarray(ds.stop_ids).tolist())
         out = []
         for row in range(n):
-            toks = tokens[row, : counts[row]].tolist()
-            lps = logprobs[row, : counts[row]].tolist()
-            reason = "stop" if toks and toks[-1] in stop_ids else "length"
-            text = None
-            if tokenizer is not None:
-                body = toks[:-1] if reason == "stop" else toks
-                text = tokenizer.decode(body)
-                for s in stop_strings:
-                    cut = text.find(s)
-                    if cut >= 0:
-                        text, reason = text[:cut], "stop"
-            out.append(Completion(list(prompts[row]), toks, lps, reason, text))
+            out.append(_completion(prompts[row], tokens[row, : counts[row]].tolist(),
+                                   logprobs[row, : counts[row]].tolist(), stop_ids, stop_strings, tokenizer))
         return out
+
+
+def _completion(prompt, toks, lps, stop_ids, stop_strings, tokenizer) -> Completion:
+    """A row's Completion: finish reason from its last token / stop strings, text decoded without the stop."""
+    reason = "stop" if toks and toks[-1] in stop_ids else "length"
+    text = None
+    if tokenizer is not None:
+        body = toks[:-1] if reason == "stop" else toks
+        text = tokenizer.decode(body)
+        for s in stop_strings:
+            cut = text.find(s)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+    return Completion(list(prompt), toks, lps, reason, text)
