@@ -165,7 +165,6 @@ def main(argv):
     from llama_jax.tokenizer import Tokenizer
 
     workdir = os.path.abspath(FLAGS.workdir)
-    os.makedirs(workdir, exist_ok=True)
     # ---- inputs, checked before anything heavy
     try:
         docs = data.read_documents(FLAGS.data)
@@ -191,6 +190,7 @@ def main(argv):
         except ValueError as e:
             _fail(f"--mesh: {e}")
 
+    os.makedirs(workdir, exist_ok=True)          # only once the inputs are known good
     # ---- model and tokenizer
     t0 = time.time()
     if FLAGS.checkpoint:
