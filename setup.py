@@ -26,6 +26,7 @@ setup(
         "gguf",
         "safetensors",
         "tensorstore",
+        "matplotlib",
     ],
     extras_require={
         # reading Meta .pth checkpoints; the CPU build of this version is on local disk
