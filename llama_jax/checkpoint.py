@@ -154,6 +154,8 @@ def save(path: str | os.PathLike, model: Llama, tokenizer_files: Iterable[str | 
         layers = state["layers"]
         per_layer = [layers[i] for i in sorted(layers)]
         state["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+    if jax.process_count() > 1:
+        return _save_multihost(path, state, model, tokenizer_files, overwrite)
     tmp = _temp_sibling(path)
     try:
         _copy_tokenizer(tmp, tokenizer_files)
@@ -165,6 +167,33 @@ def save(path: str | os.PathLike, model: Llama, tokenizer_files: Iterable[str | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def _save_multihost(path, state, model, tokenizer_files, overwrite) -> str:
+    """:func:`save` when several processes hold the arrays (``jax.distributed``).
+
+    Every process writes its own shards through Orbax into one temporary directory whose name all processes agree
+    on; process 0 alone copies tokenizer files, writes config.json (the completion marker) and renames the
+    directory into place, between barriers. The path must be on a file system all processes share.
+    """
+    from jax.experimental import multihost_utils
+    ocp = _orbax()
+    primary = jax.process_index() == 0
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial-multihost")
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        _copy_tokenizer(tmp, tokenizer_files)
+    multihost_utils.sync_global_devices(f"llama_jax.save:start:{path}")
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(state))
+    multihost_utils.sync_global_devices(f"llama_jax.save:written:{path}")
+    if primary:
+        _write_config(tmp, model.config, model.param_dtype)
+        _finish(tmp, path, overwrite)
+    multihost_utils.sync_global_devices(f"llama_jax.save:done:{path}")
     return path
 
 

@@ -49,9 +49,10 @@ def test_two_process_sharded_forward_equals_single_process(tmp_path):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
     multi, single = np.load(out), np.load(ref_out)
-    assert single.shape == (4, 8, 256) and multi.shape == (2, 4, 8, 256)
+    assert single.shape == (4, 8, 256) and multi.shape == (3, 4, 8, 256)
     np.testing.assert_allclose(multi[0], single, atol=1e-5, rtol=0)      # init_sharded
     np.testing.assert_allclose(multi[1], single, atol=1e-5, rtol=0)      # checkpoint.load(mesh=...)
+    np.testing.assert_array_equal(multi[2], multi[1])                    # saved by two processes, loaded again
 
 
 @pytest.mark.parametrize("args,culprit", [

@@ -7,7 +7,8 @@
       each process has 4 fake CPU devices; the (data, fsdp, tensor) = (1, 2, 4) mesh spans both processes
       (fsdp across processes). Each process feeds only its own batch rows. Two models: initialised sharded from
       birth, and restored from CKPT onto the mesh by ``llama_jax.checkpoint.load`` (each process reads its
-      shards). Process 0 writes the gathered logits of both, stacked [2, B, T, V], to OUT.npy.
+      shards), and that model saved by both processes (``checkpoint.save``) and loaded again. Process 0 writes the
+      gathered logits of the three, stacked [3, B, T, V], to OUT.npy.
 """
 
 import os
@@ -49,8 +50,10 @@ def main():
     assert rows.stop - rows.start == B // 2, rows           # each process loads only its half of the batch
     tokens = D.global_batch(TOKENS[rows], mesh, (B, T))
     outs = []
-    for model in (S.init_sharded(CONFIG, mesh, rngs_seed=0, param_dtype=jnp.float32),
-                  checkpoint.load(CKPT, dtype=jnp.float32, mesh=mesh)):
+    restored = checkpoint.load(CKPT, dtype=jnp.float32, mesh=mesh)
+    checkpoint.save(CKPT + "_multi", restored)           # every process writes its own shards
+    resaved = checkpoint.load(CKPT + "_multi", dtype=jnp.float32, mesh=mesh)
+    for model in (S.init_sharded(CONFIG, mesh, rngs_seed=0, param_dtype=jnp.float32), restored, resaved):
         graphdef, state = nnx.split(model)
         for arr in jax.tree.leaves(state):                  # every parameter spans both processes' devices
             assert len(arr.sharding.device_set) == 8 and not arr.is_fully_addressable
