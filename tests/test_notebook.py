@@ -1,5 +1,5 @@
 """experiments/notebooks/quickstart.ipynb runs top to bottom (nbclient, CPU, SmolLM2); its outputs show the chat
-answer, the loss plot (an image) and a perplexity figure."""
+answer, a parsed and executed tool call, the loss plot (an image) and a perplexity figure."""
 
 import os
 
@@ -29,5 +29,6 @@ def test_quickstart_notebook_executes(smollm2_checkpoint):
     text = "".join(texts)
     assert "assistant:" in text and "Paris" in text.split("assistant:", 1)[1]
     assert images >= 1                                     # the loss plot
+    assert "tool calls: [('get_weather'" in text and "tool result:" in text
     assert "step 7: loss" in text
     assert "perplexity float32:" in text
