@@ -11,6 +11,10 @@ Design (ARCHITECTURE.md; gemma's ``_sampler_loop.py``):
   sampling settings, done flags, RNG key). :meth:`Engine.generate` runs it as a device loop
   (``jax.lax.while_loop``, one dispatch for the whole generation) or, with ``stream=True``, as a host loop over
   the *same* step that yields tokens as they come.
+* **Continuous batching** (:meth:`Engine.generate_continuous`): when a row finishes, :meth:`Engine.insert`
+  prefills the next prompt into a 1-row cache and scatters it into that row of the running state (K/V of all
+  layers, length, output buffers, first token); decoding continues ``steps_per_dispatch`` steps per device call.
+* Int8 weights (:mod:`llama_jax.quant`) need nothing here: a quantized parameter dequantizes when the model reads it.
 * Every jitted call donates the cache (``donate_argnames``), so the cache is updated in place.
 * Generation stops per row on a stop id (the model's, e.g. Llama 3.1 instruct's 128001/128008/128009, united
   with the caller's), on a stop string (checked on the host), or after ``max_new_tokens``; per-token

@@ -70,14 +70,19 @@ def test_multiple_choice_matches_direct_loglik(smol, hf_smollm2):
     result = ev.multiple_choice(scorer, tokenizer, records)
     correct = 0
     for rec, res in zip(records, result["results"]):
+        # each choice's own sum of token log-probabilities under an independent model (transformers); the
+        # choices of one question share a call (right-padded rows; causal attention keeps them exact)
+        pairs = [ev.choice_tokens(tokenizer, rec["question"], c) for c in rec["choices"]]
+        rows = [ctx + cont for ctx, cont in pairs]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        with torch.no_grad():
+            logp_all = torch.log_softmax(hf_smollm2(ids, attention_mask=mask).logits.double(), -1)
         direct = []
-        for c in rec["choices"]:                      # one choice at a time, no padding, independent model
-            ctx, cont = ev.choice_tokens(tokenizer, rec["question"], c)
-            ids = ctx + cont
-            with torch.no_grad():
-                logits = hf_smollm2(torch.tensor([ids])).logits[0].double()
-            logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-            direct.append(float(logp[-len(cont):].sum()))
+        for j, (r, (_, cont)) in enumerate(zip(rows, pairs)):
+            positions = range(len(r) - len(cont) - 1, len(r) - 1)      # logits at t predict token t + 1
+            direct.append(sum(float(logp_all[j, t, r[t + 1]]) for t in positions))
         np.testing.assert_allclose(res["scores"], direct, rtol=1e-3, atol=2e-2)
         assert res["pred"] == int(np.argmax(direct))
         correct += int(np.argmax(direct)) == rec["answer"]

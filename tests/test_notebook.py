@@ -30,5 +30,5 @@ def test_quickstart_notebook_executes(smollm2_checkpoint):
     assert "assistant:" in text and "Paris" in text.split("assistant:", 1)[1]
     assert images >= 1                                     # the loss plot
     assert "tool calls: [('get_weather'" in text and "tool result:" in text
-    assert "step 7: loss" in text
+    assert "step 5: loss" in text
     assert "perplexity float32:" in text
