@@ -4,6 +4,7 @@ Public facade: :class:`LlamaConfig`, :class:`Llama`, :func:`load`, :func:`save`,
 :class:`ChatFormat`, :func:`generate`, :class:`Engine`.
 """
 
+from llama_jax import data, quant, sharding, train
 from llama_jax.chat import ChatFormat, TemplateChatFormat, chat_format_for
 from llama_jax.checkpoint import load, save
 from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset
@@ -29,4 +30,5 @@ def generate(model, tokenizer, prompts, **kwargs):
 
 
 __all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "get_preset", "Llama", "load", "save", "Tokenizer",
-           "ChatFormat", "TemplateChatFormat", "chat_format_for", "Engine", "Completion", "generate"]
+           "ChatFormat", "TemplateChatFormat", "chat_format_for", "Engine", "Completion", "generate",
+           "data", "quant", "sharding", "train"]

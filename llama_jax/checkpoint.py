@@ -256,6 +256,9 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
     """
     ocp = _orbax()
     path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(os.path.join(path, "quant.json")):          # int8 weights stored by llama_jax.quant.save
+        from llama_jax import quant
+        return quant.load(path, quant=quant.stored_quant(path), dtype=dtype, mesh=mesh, rules=rules)
     config = read_config(path)
     params_dir = os.path.join(path, PARAMS_DIR)
     meta_file = os.path.join(params_dir, "_METADATA")

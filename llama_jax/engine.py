@@ -178,11 +178,13 @@ class Engine:
       chunk_size: longest prefill block; longer prompts are prefilled chunk by chunk.
       unstack: switch the model to per-layer weights (default: on CPU). The model is modified in place
         (same parameters, same results).
-      cache_sharding: optional ``KVCache`` of shardings for the cache (see llama_jax.sharding).
+      mesh: the device mesh the model is sharded over; caches are then created directly in their shards
+        (``llama_jax.sharding.init_cache_sharded``: batch over data/fsdp, KV heads over tensor).
+      rules: logical-axis rules for the cache (default ``llama_jax.sharding.DEFAULT_RULES``).
     """
 
     def __init__(self, model: Llama, *, max_length: int | None = None, chunk_size: int = 512,
-                 unstack: bool | None = None, cache_sharding=None):
+                 unstack: bool | None = None, mesh=None, rules=None):
         enable_compilation_cache()
         if unstack is None:
             unstack = jax.default_backend() == "cpu"
@@ -194,7 +196,7 @@ class Engine:
         if chunk_size < MIN_BUCKET or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk_size must be a power of two >= {MIN_BUCKET}, got {chunk_size}")
         self.chunk_size = min(chunk_size, bucket_length(self.max_length, 1 << 30))
-        self.cache_sharding = cache_sharding
+        self.mesh, self.rules = mesh, rules
         self.graphdef, self.params = nnx.split(model)
         graphdef = self.graphdef
 
@@ -232,7 +234,11 @@ class Engine:
 
     # ------------------------------------------------------------------ pieces
     def new_cache(self, batch_size: int, length: int) -> KVCache:
-        return init_cache(self.config, batch_size, length, self.model.dtype, self.cache_sharding)
+        if self.mesh is not None:
+            from llama_jax import sharding
+            return sharding.init_cache_sharded(self.config, self.mesh, batch_size, length, self.model.dtype,
+                                               self.rules)
+        return init_cache(self.config, batch_size, length, self.model.dtype)
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> tuple[KVCache, jax.Array]:
         """Writes the prompts into ``cache`` (rows 0..len(prompts)-1; other rows get a 1-token dummy prompt).

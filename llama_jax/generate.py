@@ -203,7 +203,7 @@ def run_generation() -> int:
                 raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room in the context of {max_length}")
             token_prompts[i] = ids[-room:]
 
-    engine = Engine(model, max_length=max_length)
+    engine = Engine(model, max_length=max_length, mesh=mesh)
     if FLAGS.output:
         return _batch_to_file(engine, token_prompts, prompts, keys, done_ids, tokenizer, tools)
     settings = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,

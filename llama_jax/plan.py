@@ -33,7 +33,6 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,93 +42,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import sharding as S
 from llama_jax.config import LlamaConfig, get_preset
+# int8 weights: the planner measures exactly the tree that real quantized models hold.
+from llama_jax.quant import QUANT_REDUCE, QArray, abstract_quantized_state, quantize_state  # noqa: F401
 
 GB = 1e9
 #: Device memory in GB (10^9 bytes), as sold.
 DEVICES = {"H200": 141.0, "H100": 80.0, "TPU v5p": 95.0, "TPU v5e": 16.0, "TPU v6e": 32.0}
 QUANT = ("none", "int8")
-
-#: Parameters stored int8 under --quant=int8, and the logical axes reduced by their per-output-channel scale
-#: (the contracted input axes; the embedding table gets one scale per row = per token).
-QUANT_REDUCE = {
-    "embedding": ("embed",), "lm_head": ("embed",),
-    "q_proj": ("embed",), "k_proj": ("embed",), "v_proj": ("embed",), "o_proj": ("q_heads", "head_dim"),
-    "gate_proj": ("embed",), "up_proj": ("embed",), "down_proj": ("mlp",),
-}
-
-
-# ------------------------------------------------------------------------------------------- int8 weights
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QArray:
-    """An int8 weight with float scales: value = q * scale (broadcast). q: int8 [...]; scale: [...] with size 1 on
-    the reduced (input) axes. ``x[...]`` returns the dequantized array, so an ``nnx.Param`` may hold a QArray and
-    the model's ``self.w[...]`` reads dequantize (inside the layer scan, one layer at a time)."""
-
-    q: Any
-    scale: Any
-
-    def __getitem__(self, index):
-        return (self.q.astype(self.scale.dtype) * self.scale)[index]
-
-    @property
-    def shape(self):
-        return self.q.shape
-
-    @property
-    def dtype(self):
-        return self.scale.dtype
-
-
-def quantize(w: jax.Array, reduce_axes: tuple[int, ...]) -> QArray:
-    """Symmetric int8 quantization of ``w`` with one scale per position of the axes not in ``reduce_axes``.
-
-    scale = max|w| / 127 over ``reduce_axes`` (kept as size-1 dims), q = round(w / scale) clipped to [-127, 127].
-    """
-    amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=reduce_axes, keepdims=True)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
-    return QArray(q=q, scale=scale.astype(w.dtype))
-
-
-def _var_name(path) -> str:
-    return str(getattr(path[-1], "key", path[-1])) if path else ""
-
-
-def _quant_name(path) -> str | None:
-    names = [str(getattr(k, "key", k)) for k in path]
-    return next((n for n in reversed(names) if n in QUANT_REDUCE), None)
-
-
-def quantize_state(state):
-    """Concrete counterpart of :func:`abstract_quantized`: int8 ``QArray``s for every quantizable parameter of an
-    ``nnx.State`` (per-output-channel scales in the parameter dtype); other variables unchanged."""
-    def one(path, var):
-        name = _quant_name(path)
-        if name is None:
-            return var
-        axes = tuple(var.get_metadata()["out_sharding"])
-        return var.replace(quantize(var.get_value(), tuple(i for i, a in enumerate(axes) if a in QUANT_REDUCE[name])))
-    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def abstract_quantized(state, mesh, rules=None):
-    """Replaces the values of quantizable parameters of an abstract, sharded state by abstract ``QArray``s.
-
-    q keeps the weight's shape and sharding (int8); scale has size 1 on the reduced axes (replicated there).
-    """
-    def one(path, var):
-        name = _quant_name(path)
-        if name is None:
-            return var
-        axes = tuple(var.get_metadata()["out_sharding"])
-        sds = var.get_value()
-        scale_shape = tuple(1 if a in QUANT_REDUCE[name] else n for a, n in zip(axes, sds.shape))
-        q = jax.ShapeDtypeStruct(sds.shape, jnp.int8, sharding=sds.sharding)
-        scale = jax.ShapeDtypeStruct(scale_shape, sds.dtype, sharding=S.named_sharding(axes, scale_shape, mesh, rules))
-        return var.replace(QArray(q=q, scale=scale))
-    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
 
 # ------------------------------------------------------------------------------------------- planning
 @dataclasses.dataclass
@@ -204,7 +123,7 @@ def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch
     graphdef, state = S.abstract_state(config, mesh, rules, param_dtype=dtype, dtype=dtype,
                                        remat=remat if train else None)
     if quant == "int8":
-        state = abstract_quantized(state, mesh, rules)
+        state = abstract_quantized_state(state, embeddings=True, mesh=mesh, rules=rules)
     param_bytes = tree_bytes_per_device(state)
     cache = S.abstract_cache(config, mesh, batch, max_length, dtype, rules)
     cache_sh = jax.tree.map(lambda x: x.sharding, cache)

@@ -49,6 +49,7 @@ def test_sharded_logits_and_greedy_tokens_match_one_device(parity, mesh):
     if "engine_tokens" in r:                    # llama_jax.engine.Engine.generate on the sharded parameters
         assert r["engine_tokens"] == parity["engine_ref_tokens"]
         assert any("tensor" in spec or "fsdp" in spec for spec in r["engine_specs"])
+        assert r["engine_cache_specs"] == r["cache_specs"]      # the engine's KV cache is created in its shards
     if "init_diff" in r:                        # sharded-from-birth init == unsharded init of the same seed
         assert r["init_diff"] <= 1e-6
 

@@ -83,9 +83,10 @@ def main(out_path):
         cache_specs = [str(x.sharding.spec) for x in jax.tree.leaves(cache)]
         tokens, logits = greedy(call, state, cache, prompt)
         if dims in ENGINE_MESHES:
-            engine = Engine(nnx.merge(graphdef, state), max_length=MAX_LEN, chunk_size=16, cache_sharding=cache_sh)
+            engine = Engine(nnx.merge(graphdef, state), max_length=MAX_LEN, chunk_size=16, mesh=mesh)
             r["engine_tokens"] = [c.tokens for c in engine.generate(prompts, max_new_tokens=STEPS)]
             r["engine_specs"] = sorted({str(a.sharding.spec) for a in jax.tree.leaves(engine.params)})
+            r["engine_cache_specs"] = [str(x.sharding.spec) for x in jax.tree.leaves(engine.new_cache(B, MAX_LEN))]
         params = {}
         for path, arr in jax.tree_util.tree_leaves_with_path(born):
             per = max(s.data.nbytes for s in arr.addressable_shards)
