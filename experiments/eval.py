@@ -27,7 +27,9 @@ import os
 import sys
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from llama_jax.logs import quiet_unless_verbose
 
 FLAGS = flags.FLAGS
 
@@ -267,8 +269,7 @@ def run() -> int:
 
 
 def main(argv):
-    if FLAGS["verbosity"].using_default_value:
-        logging.set_verbosity(logging.WARNING)
+    quiet_unless_verbose()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:

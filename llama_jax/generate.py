@@ -32,7 +32,9 @@ import os
 import sys
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from llama_jax.logs import quiet_unless_verbose
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "llama-jax (Orbax) checkpoint directory; default: SmolLM2-135M-Instruct.")
@@ -333,8 +335,7 @@ def _stream_to_terminal(engine, batch, **settings):
 
 
 def main(argv):
-    if FLAGS["verbosity"].using_default_value:
-        logging.set_verbosity(logging.WARNING)      # Orbax and XLA log every restore at INFO
+    quiet_unless_verbose()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
