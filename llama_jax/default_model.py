@@ -30,8 +30,8 @@ def default_checkpoint(quiet: bool = False) -> str:
     # llama_jax never imports conversions (ARCHITECTURE.md): run the conversion tool as a program.
     cmd = [sys.executable, "-m", "conversions", "--source=gguf", f"--input={gguf}", f"--output={path}",
            "--dtype=float32", "--overwrite", f"--progress={'false' if quiet else 'true'}"]
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=None if not quiet else subprocess.PIPE,
-                            text=True)
+    # stdout (the tool prints the output path) is not for the user here; stderr carries the progress bar
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if quiet else None, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"converting {gguf} failed: {result.stderr or 'see above'}")
     return path

@@ -88,7 +88,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
     total = data * fsdp * tensor
     if total != len(devices):
         raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {total} devices, but "
-                         f"{len(devices)} devices are available; the mesh axes must multiply to the device count")
+                         f"{len(devices)} device(s) are available; the mesh axes must multiply to the device count")
     return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(axis_type,) * 3, devices=devices)
 
 

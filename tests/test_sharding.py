@@ -87,7 +87,7 @@ CFG = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, h
 
 def test_mesh_size_must_match_device_count():
     n = jax.device_count()
-    with pytest.raises(ValueError, match=r"tensor=%d .*%d devices" % (n + 1, n)):
+    with pytest.raises(ValueError, match=r"tensor=%d .*%d device\(s\) are available" % (n + 1, n)):
         S.make_mesh(tensor=n + 1)
     with pytest.raises(ValueError, match="'fsdp'"):
         S.make_mesh(fsdp=0)
