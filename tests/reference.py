@@ -29,29 +29,47 @@ def randomize(model, seed: int = 0, std: float = 0.08):
     return model
 
 
+def _flat(params, prefix=""):
+    """{"layers": {"attention": {"q_proj": a}}} -> {"layers.attention.q_proj": a} (numpy)."""
+    out = {}
+    for k, v in params.items():
+        name = f"{prefix}{k}"
+        out.update(_flat(v, name + ".") if isinstance(v, dict) else {name: np.asarray(v, np.float32)})
+    return out
+
+
+def to_torch_state_dict(params: dict, config, keys: dict[str, str]) -> dict[str, np.ndarray]:
+    """Stacked llama-jax parameters (a pure dict) -> a PyTorch-layout state dict, through the converter's own
+    tables: ``keys`` maps our names to torch keys (``conversions.hf.OURS_TO_HF`` or ``conversions.meta.OURS_TO_META``,
+    ``{i}`` for the layer), ``conversions.layout.ours_to_torch`` does the layout."""
+    out = {}
+    for name, w in _flat(params).items():
+        if name.startswith("layers."):
+            for i in range(config.n_layers):
+                out[keys[name].format(i=i)] = layout.ours_to_torch(name, w[i], config)
+        else:
+            out[keys[name]] = layout.ours_to_torch(name, w, config)
+    return out
+
+
+def from_torch_state_dict(sd: dict[str, np.ndarray], config, keys: dict[str, str]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`to_torch_state_dict`, flat: {"layers.attention.q_proj": [L, D, N, H], ...}."""
+    out = {}
+    for name, key in keys.items():
+        if name.startswith("layers."):
+            out[name] = np.stack([layout.torch_to_ours(name, sd[key.format(i=i)], config)
+                                  for i in range(config.n_layers)])
+        elif key in sd:
+            out[name] = layout.torch_to_ours(name, sd[key], config)
+    return out
+
+
 def hf_state_dict(model) -> dict[str, np.ndarray]:
     """Our parameters as a Hugging Face ``LlamaForCausalLM`` state dict (numpy, float32)."""
-    c = model.config
+    from conversions.hf import OURS_TO_HF
     if not model.is_stacked:
         raise ValueError("stack the layers first")
-    params = {path: var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
-    get = lambda *path: np.asarray(params[path][...], np.float32)
-    out = {"model.embed_tokens.weight": get("embedder", "embedding"), "model.norm.weight": get("final_norm", "scale")}
-    if not c.tie_word_embeddings:
-        out["lm_head.weight"] = layout.transpose(get("lm_head"))
-    for i in range(c.n_layers):
-        pre = f"model.layers.{i}."
-        L = lambda *path: get("layers", *path)[i]
-        out[pre + "self_attn.q_proj.weight"] = layout.heads_out(L("attention", "q_proj"))
-        out[pre + "self_attn.k_proj.weight"] = layout.heads_out(L("attention", "k_proj"))
-        out[pre + "self_attn.v_proj.weight"] = layout.heads_out(L("attention", "v_proj"))
-        out[pre + "self_attn.o_proj.weight"] = layout.o_out(L("attention", "o_proj"))
-        out[pre + "mlp.gate_proj.weight"] = layout.transpose(L("mlp", "gate_proj"))
-        out[pre + "mlp.up_proj.weight"] = layout.transpose(L("mlp", "up_proj"))
-        out[pre + "mlp.down_proj.weight"] = layout.transpose(L("mlp", "down_proj"))
-        out[pre + "input_layernorm.weight"] = L("attention_norm", "scale")
-        out[pre + "post_attention_layernorm.weight"] = L("ffn_norm", "scale")
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return to_torch_state_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, OURS_TO_HF)
 
 
 def hf_model(model):
@@ -75,20 +93,13 @@ LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=
 
 def meta_state_dict(model) -> dict[str, np.ndarray]:
     """Our parameters as Meta's ``consolidated.00.pth`` state dict (interleaved RoPE rows for wq / wk)."""
+    from conversions.meta import OURS_TO_META
     c = model.config
-    hf = hf_state_dict(model)
-    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-           "output.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
-    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
-             "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm"}
+    sd = to_torch_state_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), c, OURS_TO_META)
+    if c.tie_word_embeddings:
+        sd[OURS_TO_META["lm_head"]] = sd[OURS_TO_META["embedder.embedding"]]
     for i in range(c.n_layers):
-        for ours, meta in names.items():
-            w = hf[f"model.layers.{i}.{ours}.weight"]
-            if meta == "attention.wq":
-                w = layout.half_split_to_interleaved(w, c.n_heads)
-            elif meta == "attention.wk":
-                w = layout.half_split_to_interleaved(w, c.n_kv_heads)
-            out[f"layers.{i}.{meta}.weight"] = np.ascontiguousarray(w)
-    return out
+        for name, heads in (("layers.attention.q_proj", c.n_heads), ("layers.attention.k_proj", c.n_kv_heads)):
+            key = OURS_TO_META[name].format(i=i)
+            sd[key] = np.ascontiguousarray(layout.half_split_to_interleaved(sd[key], heads))
+    return sd

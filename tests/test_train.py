@@ -35,50 +35,24 @@ def _rows(seed=0, n_docs=6, seq_len=16, vocab=64):
 # ------------------------------------------------------------------------------------------------ transformers parity
 def _to_torch_state(params, cfg):
     import torch
-    from conversions import layout
-    L = cfg.n_layers
-    p = jax.tree.map(np.asarray, params)
-    a, m = p["layers"]["attention"], p["layers"]["mlp"]
-    sd = {"model.embed_tokens.weight": p["embedder"]["embedding"], "model.norm.weight": p["final_norm"]["scale"],
-          "lm_head.weight": p["lm_head"].T}
-    for i in range(L):
-        pre = f"model.layers.{i}."
-        sd[pre + "self_attn.q_proj.weight"] = layout.heads_out(a["q_proj"][i])
-        sd[pre + "self_attn.k_proj.weight"] = layout.heads_out(a["k_proj"][i])
-        sd[pre + "self_attn.v_proj.weight"] = layout.heads_out(a["v_proj"][i])
-        sd[pre + "self_attn.o_proj.weight"] = layout.o_out(a["o_proj"][i])
-        sd[pre + "mlp.gate_proj.weight"] = m["gate_proj"][i].T
-        sd[pre + "mlp.up_proj.weight"] = m["up_proj"][i].T
-        sd[pre + "mlp.down_proj.weight"] = m["down_proj"][i].T
-        sd[pre + "input_layernorm.weight"] = p["layers"]["attention_norm"]["scale"][i]
-        sd[pre + "post_attention_layernorm.weight"] = p["layers"]["ffn_norm"]["scale"][i]
-    return {k: torch.tensor(np.ascontiguousarray(v)) for k, v in sd.items()}
+    from conversions.hf import OURS_TO_HF
+    from tests.reference import to_torch_state_dict
+    sd = to_torch_state_dict(jax.tree.map(np.asarray, params), cfg, OURS_TO_HF)
+    return {k: torch.tensor(v) for k, v in sd.items()}
 
 
 def _from_torch_grads(hf, cfg):
-    from conversions import layout
-    g = {k: v.grad.detach().numpy() for k, v in hf.named_parameters()}
-    L = cfg.n_layers
-    st = lambda f: np.stack([f(i) for i in range(L)])
-    return {
-        "embedder": {"embedding": g["model.embed_tokens.weight"]},
-        "final_norm": {"scale": g["model.norm.weight"]},
-        "lm_head": g["lm_head.weight"].T,
-        "layers": {
-            "attention": {
-                "q_proj": st(lambda i: layout.heads_in(g[f"model.layers.{i}.self_attn.q_proj.weight"], cfg.n_heads)),
-                "k_proj": st(lambda i: layout.heads_in(g[f"model.layers.{i}.self_attn.k_proj.weight"],
-                                                       cfg.n_kv_heads)),
-                "v_proj": st(lambda i: layout.heads_in(g[f"model.layers.{i}.self_attn.v_proj.weight"],
-                                                       cfg.n_kv_heads)),
-                "o_proj": st(lambda i: layout.o_in(g[f"model.layers.{i}.self_attn.o_proj.weight"], cfg.n_heads)),
-            },
-            "mlp": {n: st(lambda i, n=n: g[f"model.layers.{i}.mlp.{n}.weight"].T)
-                    for n in ("gate_proj", "up_proj", "down_proj")},
-            "attention_norm": {"scale": st(lambda i: g[f"model.layers.{i}.input_layernorm.weight"])},
-            "ffn_norm": {"scale": st(lambda i: g[f"model.layers.{i}.post_attention_layernorm.weight"])},
-        },
-    }
+    from conversions.hf import OURS_TO_HF
+    from tests.reference import from_torch_state_dict
+    flat = from_torch_state_dict({k: v.grad.detach().numpy() for k, v in hf.named_parameters()}, cfg, OURS_TO_HF)
+    out = {}
+    for name, w in flat.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = w
+    return out
 
 
 def test_loss_and_gradients_match_transformers():
