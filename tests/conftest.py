@@ -51,3 +51,14 @@ def run_cli(module: str, *args: str, env=None, timeout=900) -> subprocess.Comple
     """Runs ``python -m module args`` from the repository root; returns the completed process (text mode)."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def keep_kernel_flags(env: dict) -> dict:
+    """Drops a fake-device count from ``env["XLA_FLAGS"]`` but keeps the other XLA flags (the kernel choices a run
+    may be shaken with, e.g. YNNPACK off or oneDNN dots), for subprocesses that pick their own device count."""
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    else:
+        env.pop("XLA_FLAGS", None)
+    return env

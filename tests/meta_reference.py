@@ -28,13 +28,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(mode: str, directory: str, world_size: int, tokens, seed: int = 0, timeout: int = 600) -> np.ndarray:
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    tok_file = os.path.join(directory, ".tokens.npy")
-    np.save(tok_file, tokens)
-    port = _free_port()
+def _run_ranks(mode: str, directory: str, world_size: int, seed: int, timeout: int, port: int) -> list[str]:
+    """Runs the ``world_size`` ranks of ``mode`` on ``port``; returns the error reports of failed ranks."""
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -44,12 +39,25 @@ def _spawn(mode: str, directory: str, world_size: int, tokens, seed: int = 0, ti
     errors = []
     for rank, p in enumerate(procs):
         try:
-            out, err = p.communicate(timeout=timeout)
+            _, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
-            out, err = p.communicate()
+            _, err = p.communicate()
         if p.returncode != 0:
             errors.append(f"rank {rank} exited {p.returncode}:\n{err[-3000:]}")
+    return errors
+
+
+def _spawn(mode: str, directory: str, world_size: int, tokens, seed: int = 0, timeout: int = 600) -> np.ndarray:
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    tok_file = os.path.join(directory, ".tokens.npy")
+    np.save(tok_file, tokens)
+    for _attempt in range(3):         # a free port can be taken between our probe and gloo's bind: try another
+        errors = _run_ranks(mode, directory, world_size, seed, timeout, _free_port())
+        if not any("ddress already in use" in e for e in errors):
+            break
     os.remove(tok_file)
     if errors:
         raise RuntimeError("Meta reference failed:\n" + "\n".join(errors))

@@ -140,7 +140,7 @@ def test_config_disagreeing_with_arrays(tmp_path):
 
 SHARDED = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from llama_jax import checkpoint

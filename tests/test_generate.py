@@ -12,6 +12,7 @@ from llama_jax.chat import chat_format_for
 from llama_jax.engine import Engine
 from llama_jax.tokenizer import Tokenizer
 from tests.conftest import run_cli
+from tests.numerics import logits_tolerance
 
 CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
                 "Explain in two sentences why the sky is blue."]
@@ -48,7 +49,9 @@ def test_greedy_48_tokens_equal_transformers(smollm2_checkpoint, hf_smollm2):
         seq = prompt + c.tokens[:step]
         import jax.numpy as jnp
         our_logits = np.asarray(engine.model(jnp.asarray([seq]))[0, -1])
-        assert _top2_gap(our_logits) < 1e-3 and _top2_gap(hf_logits[step]) < 1e-3, (
+        # a near tie: closer than the two implementations' float32 rounding can separate (2 x tests/numerics.py)
+        tie = 2 * logits_tolerance(hf_logits[step], 576, 30)
+        assert _top2_gap(our_logits) < tie and _top2_gap(hf_logits[step]) < tie, (
             f"diverged at step {step} without a near tie: gaps {_top2_gap(our_logits)}, {_top2_gap(hf_logits[step])}")
     assert identical >= 1
     assert "Paris" in tokenizer.decode(ours[0].tokens)

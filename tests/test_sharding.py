@@ -14,6 +14,7 @@ import pytest
 
 from llama_jax import sharding as S
 from llama_jax.config import LlamaConfig
+from tests.numerics import relative_tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "workers")
@@ -21,7 +22,8 @@ WORKERS = os.path.join(ROOT, "tests", "workers")
 
 def run_worker(script, *args, timeout=600, devices=8):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # fake CPU devices, appended to the caller's XLA flags (kernel choices) rather than replacing them
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["LLAMA_JAX_COMPILATION_CACHE"] = ""        # hermetic: no persistent XLA cache
@@ -44,14 +46,15 @@ MESHES = ["1x1x8", "1x8x1", "2x2x2", "1x2x4"]
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_logits_and_greedy_tokens_match_one_device(parity, mesh):
     r = parity[mesh]
-    assert r["logits_diff"] <= 1e-5, r["logits_diff"]
+    # sharded matmuls reduce in another order: float32 rounding at the worker's D 64, L 2, relative to max |logit|
+    assert r["logits_diff"] <= relative_tolerance(64, 2) * parity["ref_scale"], r["logits_diff"]
     assert r["tokens"] == parity["ref_tokens"]
     if "engine_tokens" in r:                    # llama_jax.engine.Engine.generate on the sharded parameters
         assert r["engine_tokens"] == parity["engine_ref_tokens"]
         assert any("tensor" in spec or "fsdp" in spec for spec in r["engine_specs"])
         assert r["engine_cache_specs"] == r["cache_specs"]      # the engine's KV cache is created in its shards
     if "init_diff" in r:                        # sharded-from-birth init == unsharded init of the same seed
-        assert r["init_diff"] <= 1e-6
+        assert r["init_diff"] <= 1e-6               # same RNG bits, one scaling of values ~0.02: rounding only
 
 
 def test_parity_worker_covered_init_and_engine(parity):

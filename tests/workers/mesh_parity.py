@@ -65,7 +65,8 @@ def main(out_path):
     prompts = [np.asarray(prompt)[i, :PROMPT - i].tolist() for i in range(B)]     # ragged prompts
     engine_ref = [c.tokens for c in Engine(nnx.merge(graphdef, ref_state), max_length=MAX_LEN, chunk_size=16)
                   .generate(prompts, max_new_tokens=STEPS)]
-    results = {"ref_tokens": ref_tokens.tolist(), "engine_ref_tokens": engine_ref}
+    results = {"ref_tokens": ref_tokens.tolist(), "engine_ref_tokens": engine_ref,
+               "ref_scale": float(np.max(np.abs(ref_logits)))}
     for dims in MESHES:
         mesh = S.make_mesh(*dims)
         sh = S.state_shardings(ref_state, mesh)

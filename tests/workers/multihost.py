@@ -16,7 +16,7 @@ import sys
 
 MODE, OUT, CKPT = sys.argv[1], sys.argv[2], sys.argv[3]
 if MODE == "worker":
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
