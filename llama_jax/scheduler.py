@@ -40,7 +40,7 @@ import itertools
 import threading
 import time
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -209,13 +209,13 @@ class Scheduler:
         self._score = jax.jit(score, static_argnames=("k",))
 
     # ------------------------------------------------------------------ public API
-    def __enter__(self) -> "Scheduler":
+    def __enter__(self) -> Scheduler:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         """Starts the worker thread (idempotent)."""
         with self._cond:
             if self._thread is None:
@@ -486,7 +486,7 @@ class Scheduler:
             if p.echo:
                 result.prompt_logprobs = [None] + chosen[: n - 1].tolist()
             if k:
-                top = [[(int(i), float(v)) for i, v in zip(ids[t], values[t])] for t in range(len(seq) - 1)]
+                top = [list(zip(ids[t].tolist(), values[t].tolist(), strict=True)) for t in range(len(seq) - 1)]
                 result.top_logprobs = ([None] + top[: n - 1] if p.echo else []) + top[n - 1:]
         with self._cond:
             self._stats["finished"] += 1
