@@ -44,12 +44,18 @@ setup(
             "nbclient",
             "ipykernel",
             "matplotlib",
+            "fastapi",
+            "uvicorn",
+            "openai",
         ],
+        # the OpenAI-compatible server (python -m llama_jax.serve)
+        "serve": ["fastapi", "uvicorn"],
     },
     entry_points={
         "console_scripts": [
             "llama-jax-convert=conversions.__main__:run",
             "llama-jax-generate=llama_jax.generate:run",
+            "llama-jax-serve=llama_jax.serve:run",
         ]
     },
 )
