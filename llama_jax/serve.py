@@ -346,6 +346,32 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
                            code="model_not_found")
         return model_card()
 
+    # vLLM's tokenizer endpoints (what lm-eval's tokenizer_backend=remote reads). Text is encoded as plain text:
+    # special-token text stays text; add_special_tokens adds BOS (default true, as vLLM).
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        def text(i):
+            return None if i is None else tokenizer.decode([i])
+        return {"tokenizer_class": f"llama_jax.Tokenizer({tokenizer.kind})", "bos_token": text(tokenizer.bos_id),
+                "eos_token": text(tokenizer.eos_id), "pad_token": None, "chat_template": tokenizer.chat_template,
+                "model_max_length": max_length}
+
+    @app.post("/tokenize")
+    async def tokenize(http: HttpRequest):
+        body = await read_body(http)
+        prompt = _field(body, "prompt", "str")
+        bos = _field(body, "add_special_tokens", "bool", True) and tokenizer.bos_id is not None
+        ids = tokenizer.encode(prompt, bos=bos)
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_length}
+
+    @app.post("/detokenize")
+    async def detokenize(http: HttpRequest):
+        body = await read_body(http)
+        ids = _field(body, "tokens", "list")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size for t in ids):
+            raise ApiError(400, f"'tokens' must be token ids in [0, {tokenizer.vocab_size})", "tokens")
+        return {"prompt": tokenizer.decode(ids)}
+
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = await read_body(http)
@@ -706,11 +732,18 @@ def main(argv):
           f"on http://{FLAGS.host}:{FLAGS.port}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
                             timeout_graceful_shutdown=max(int(FLAGS.shutdown_timeout), 1))
+    import signal
+
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; exit 0 instead
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.Server(config).run()
     except OSError as e:
         print(f"error: --port={FLAGS.port}: {e}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
