@@ -20,6 +20,9 @@ import pytest
 
 from tests.conftest import REPO
 
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+import eval as ev  # noqa: E402
+
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
@@ -197,11 +200,14 @@ def test_concurrent_clients_get_what_they_get_alone(server, client):
     assert len(set(alone)) > 1
 
 
-def test_echo_logprobs_equal_llama_jax_loglikelihoods(client, smollm2_checkpoint, tokenizer):
-    sys.path.insert(0, os.path.join(REPO, "experiments"))
-    import eval as ev
+@pytest.fixture(scope="module")
+def scorer(smollm2_checkpoint):
+    """experiments/eval.py's scorer: llama_jax's own log-likelihoods, computed in this process."""
     model, _ = ev.load_model(smollm2_checkpoint)
-    scorer = ev.Scorer(model, batch_size=1)
+    return ev.Scorer(model, batch_size=8)
+
+
+def test_echo_logprobs_equal_llama_jax_loglikelihoods(client, scorer, tokenizer):
     texts = ["The capital of France is Paris", "Water freezes at zero degrees Celsius"]
     r = client.completions.create(model=MODEL, prompt=texts, max_tokens=1, temperature=0, echo=True, logprobs=2)
     for text, choice in zip(texts, sorted(r.choices, key=lambda c: c.index), strict=True):
@@ -258,6 +264,59 @@ def _post(server, path, body, raw=None):
      f"maximum context length is {MAX_LENGTH}"),
     ("/v1/nothing", {}, 404, None, "Not Found"),
 ])
+def _hf_tokenizer_dir(checkpoint_dir, out) -> str:
+    """The checkpoint's tokenizer.json as a transformers tokenizer that prepends BOS (as experiments/eval.py's
+    contexts do), for lm-eval's tokenizer_backend=huggingface."""
+    from tokenizers import Tokenizer, processors
+
+    from llama_jax import checkpoint
+    from llama_jax.tokenizer import Tokenizer as LlamaJaxTokenizer
+    tok_dir = checkpoint.tokenizer_dir(checkpoint_dir)
+    ours = LlamaJaxTokenizer.from_file(tok_dir)
+    bos = ours.decode([ours.bos_id])
+    tk = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                      special_tokens=[(bos, ours.bos_id)])
+    os.makedirs(out, exist_ok=True)
+    tk.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos,
+                   "eos_token": ours.decode([ours.eos_id])}, f)
+    return out
+
+
+def test_lm_eval_harness_scores_like_eval_py(server, scorer, tokenizer, smollm2_checkpoint, tmp_path):
+    """lm-eval's local-completions model against this server on experiments/lm_eval/mc20.yaml: the same
+    per-choice log-likelihoods and accuracy as experiments/eval.py --mc (same model, same token ids)."""
+    pytest.importorskip("lm_eval")
+    hf_tok = _hf_tokenizer_dir(smollm2_checkpoint, str(tmp_path / "hf_tokenizer"))
+    out = tmp_path / "lm_eval"
+    args = ",".join([f"base_url={server[0]}/v1/completions", f"model={MODEL}", "tokenizer_backend=huggingface",
+                     f"tokenizer={hf_tok}", "add_bos_token=True", "num_concurrent=1", "max_retries=1"])
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                           "--include_path", os.path.join(REPO, "experiments", "lm_eval"), "--tasks", "mc20",
+                           "--batch_size", "8", "--output_path", str(out), "--log_samples"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [results_file] = list(out.rglob("results_*.json"))
+    [samples_file] = list(out.rglob("samples_mc20_*.jsonl"))
+    acc = json.loads(results_file.read_text())["results"]["mc20"]["acc,none"]
+    records = ev.read_jsonl(ev_mc_path(), "error", ev.validate_mc)
+    ours = ev.multiple_choice(scorer, tokenizer, records)
+    assert acc == ours["accuracy"]
+    samples = sorted((json.loads(x) for x in samples_file.read_text().splitlines()), key=lambda d: d["doc_id"])
+    assert len(samples) == len(records)
+    for sample, ref in zip(samples, ours["results"], strict=True):
+        harness = [float(r[0][0]) for r in sample["resps"]]
+        # sums of a few float32 log-probabilities (each ~1e-5 relative, see the echo test)
+        np.testing.assert_allclose(harness, ref["scores"], rtol=1e-4, atol=1e-3)
+
+
+def ev_mc_path() -> str:
+    return os.path.join(REPO, "tests", "data", "mc20.jsonl")
+
+
 def test_bad_requests(server, path, body, status, param, words):
     r = _post(server, path, body, raw=b"{not json" if body is None else None)
     assert r.status_code == status, r.text
