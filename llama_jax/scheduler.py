@@ -49,6 +49,7 @@ from flax import nnx
 
 from llama_jax import sampling
 from llama_jax.engine import MIN_BUCKET, DecodeState, Engine, SamplingMode, bucket_length
+from llama_jax.kv_cache import KVCache, gather_pages, init_paged_cache
 
 #: Largest number of top log-probability alternatives a request may ask for (OpenAI's completions limit is 5,
 #: chat's top_logprobs 20).
@@ -170,12 +171,14 @@ class Scheduler:
       steps_per_dispatch: decode steps per device call between host checks.
       stop_ids: ids that end a request (default ``tokenizer.stop_ids``), shared by all rows.
       seed: initial PRNG seed.
+      prefix_cache_pages: pages of ``page_size`` tokens kept by the :class:`PrefixCache` (0: no prefix cache).
 
     Call :meth:`start` (or use it as a context manager) before :meth:`submit`; :meth:`shutdown` at the end.
     """
 
     def __init__(self, engine: Engine, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 steps_per_dispatch: int = 4, stop_ids: Sequence[int] | None = None, seed: int = 0):
+                 steps_per_dispatch: int = 4, stop_ids: Sequence[int] | None = None, seed: int = 0,
+                 prefix_cache_pages: int = 0, page_size: int = 16):
         if max_batch < 1 or max_queue < 0 or steps_per_dispatch < 1:
             raise ValueError(f"max_batch and steps_per_dispatch must be >= 1 and max_queue >= 0, got {max_batch}, "
                              f"{steps_per_dispatch}, {max_queue}")
@@ -207,6 +210,7 @@ class Scheduler:
             return chosen, values, ids
 
         self._score = jax.jit(score, static_argnames=("k",))
+        self.prefix_cache = PrefixCache(engine, prefix_cache_pages, page_size) if prefix_cache_pages else None
 
     # ------------------------------------------------------------------ public API
     def __enter__(self) -> Scheduler:
@@ -276,8 +280,11 @@ class Scheduler:
         """Rows in use, requests waiting, and counters (submitted, finished, cancelled, prompt tokens prefilled,
         tokens generated)."""
         with self._cond:
-            return {"rows": self.max_batch, "rows_in_use": sum(r is not None for r in self._rows),
-                    "waiting": len(self._waiting), **self._stats}
+            out = {"rows": self.max_batch, "rows_in_use": sum(r is not None for r in self._rows),
+                   "waiting": len(self._waiting), **self._stats}
+        if self.prefix_cache is not None:
+            out["prefix_cache"] = self.prefix_cache.stats()
+        return out
 
     def score(self, tokens: Sequence[int], k: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Log-likelihoods of ``tokens`` (call from the worker thread or when it is idle).
@@ -374,16 +381,47 @@ class Scheduler:
                 p = r.params
                 if p.seed is not None:
                     ds = ds.replace(key=jax.random.key(p.seed))
-                ds = self.engine.insert(ds, row, r.prompt, max_new_tokens=p.max_tokens, temperature=p.temperature,
-                                        top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, mode=self._mode())
+                if self.prefix_cache is None:
+                    ds = self.engine.insert(ds, row, r.prompt, max_new_tokens=p.max_tokens,
+                                            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                                            mode=self._mode())
+                    hit = 0
+                else:
+                    ds, hit = self._insert_with_prefix(ds, row, r)
                 emitted[row] = 0
                 with self._cond:
-                    self._stats["prompt_tokens_prefilled"] += len(r.prompt)
+                    self._stats["prompt_tokens_prefilled"] += len(r.prompt) - hit
+                    self._stats["prefix_cache_hit_tokens"] += hit
             if admit:
                 ds = self._collect(ds, emitted)
             if any(r is not None for r in self._rows):
                 ds = self.engine.steps(ds, self.steps_per_dispatch, self._mode())
                 ds = self._collect(ds, emitted)
+
+    def _insert_with_prefix(self, ds: DecodeState, row: int, r: Request) -> tuple[DecodeState, int]:
+        """Engine.insert with the prompt's cached full pages loaded instead of computed: only the rest of the
+        prompt is prefilled (chunks starting at the first uncached position); its new full pages are stored.
+        Returns the state and the number of prompt tokens taken from the cache."""
+        eng, pc, p = self.engine, self.prefix_cache, r.params
+        pages = pc.match(r.prompt)
+        start = len(pages) * pc.page_size
+        cache = pc.load(pages, self.max_length) if pages else eng.new_cache(1, self.max_length)
+        n = len(r.prompt)
+        rest = n - start
+        chunk = bucket_length(rest, eng.chunk_size)
+        padded = -(-rest // chunk) * chunk
+        block = np.zeros((1, padded), np.int32)
+        block[0, :rest] = r.prompt[start:]
+        logits = jnp.zeros((1, eng.config.vocab_size), jnp.float32)
+        last_index = jnp.asarray([n - 1], jnp.int32)
+        for s in range(0, padded, chunk):
+            cache, logits = eng._prefill_chunk(eng.params, cache, jnp.asarray(block[:, s:s + chunk]),
+                                               jnp.int32(start + s), last_index, logits)
+        cache = cache.replace(lengths=jnp.asarray([n], jnp.int32))
+        pc.store(r.prompt, cache, pages)
+        ds = eng._insert(ds, jnp.int32(row), cache, logits, jnp.int32(p.max_tokens), jnp.float32(p.temperature),
+                         jnp.int32(p.top_k), jnp.float32(p.top_p), jnp.float32(p.min_p), self._mode())
+        return ds, start
 
     def _drop_cancelled(self) -> None:
         """(lock held) Frees the rows and queue places of cancelled requests."""
@@ -493,3 +531,126 @@ class Scheduler:
             self._stats["tokens_generated"] += len(r.tokens)
         r.finished = True
         r._send(Event("done", result=result))
+
+
+class PrefixCache:
+    """Full pages of prompt prefixes computed once and shared by later requests (vLLM's automatic prefix caching;
+    SGLang's RadixAttention, Zheng et al. 2024, section 3).
+
+    A pool of ``num_pages`` pages of ``page_size`` tokens per layer (:func:`llama_jax.kv_cache.init_paged_cache`)
+    holds the keys/values of full pages; page i of a prompt is found by the key (id of page i-1, its
+    ``page_size`` token ids), so a page is only ever shared by prompts whose whole prefix up to it is identical.
+    Pages are reference-counted while a request uses them and kept afterwards; when the pool is full the least
+    recently used page with no reference is evicted (with the pages that continue it). Used from the scheduler's
+    worker thread only.
+    """
+
+    def __init__(self, engine: Engine, num_pages: int, page_size: int = 16):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"num_pages and page_size must be >= 1, got {num_pages}, {page_size}")
+        self.page_size, self.num_pages = page_size, num_pages
+        pool = init_paged_cache(engine.config, num_pages, page_size, 1, 1, engine.model.dtype)
+        self.k_pages, self.v_pages = pool.k_pages, pool.v_pages
+        self._key_of: dict[int, tuple] = {}                  # page -> (parent page or -1, token block)
+        self._page_of: dict[tuple, int] = {}
+        self._children: dict[int, set[int]] = collections.defaultdict(set)
+        self._refs = collections.Counter()
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()   # cached pages, oldest first
+        self._free = list(range(num_pages))[::-1]
+        self.hits = self.misses = 0
+
+        def load(k_pages, v_pages, table, length: int):
+            k = gather_pages(k_pages, table[None])[:, :, :length]                 # [L, 1, S, K, H]
+            v = gather_pages(v_pages, table[None])[:, :, :length]
+            return KVCache(k=k, v=v, lengths=jnp.zeros((1,), jnp.int32))
+
+        def save(k_pages, v_pages, cache, dest, src):
+            """Copies page ``src[i]`` of the 1-row cache into pool page ``dest[i]`` (dest = N: skipped)."""
+            p = k_pages.shape[2]
+            s = cache.k.shape[2] // p * p
+            kb = cache.k[:, 0, :s].reshape(cache.k.shape[0], -1, p, *cache.k.shape[3:])  # [L, S/P, P, K, H]
+            vb = cache.v[:, 0, :s].reshape(cache.v.shape[0], -1, p, *cache.v.shape[3:])
+            return (k_pages.at[:, dest].set(kb[:, src].astype(k_pages.dtype), mode="drop"),
+                    v_pages.at[:, dest].set(vb[:, src].astype(v_pages.dtype), mode="drop"))
+
+        self._load = jax.jit(load, static_argnames=("length",))
+        self._save = jax.jit(save, donate_argnames=("k_pages", "v_pages"))
+
+    def match(self, prompt: Sequence[int]) -> list[int]:
+        """Pool pages of the longest cached run of full pages at the start of ``prompt`` (leaving at least one
+        token to prefill), most recently used now; their references are taken until :meth:`store`."""
+        p, pages, parent = self.page_size, [], -1
+        for i in range((len(prompt) - 1) // p):
+            page = self._page_of.get((parent, tuple(prompt[i * p:(i + 1) * p])))
+            if page is None:
+                break
+            pages.append(page)
+            parent = page
+        for page in pages:
+            self._refs[page] += 1
+            self._lru.move_to_end(page)
+        self.hits += bool(pages)
+        self.misses += not pages
+        return pages
+
+    def load(self, pages: list[int], length: int) -> KVCache:
+        """A 1-row dense cache of ``length`` slots whose first len(pages) * page_size slots hold the pages."""
+        m = -(-length // self.page_size)
+        table = np.zeros((m,), np.int32)
+        table[: len(pages)] = pages
+        return self._load(self.k_pages, self.v_pages, jnp.asarray(table), length)
+
+    def store(self, prompt: Sequence[int], cache: KVCache, matched: list[int]) -> None:
+        """Stores the full pages of ``prompt`` after the ``matched`` ones from the prefilled 1-row ``cache``,
+        then drops the references :meth:`match` took."""
+        p = self.page_size
+        full = min(len(prompt), cache.max_length) // p
+        parent = matched[-1] if matched else -1
+        dest, src = [], []
+        protected = set(matched)
+        for i in range(len(matched), full):
+            key = (parent, tuple(prompt[i * p:(i + 1) * p]))
+            page = self._page_of.get(key)
+            if page is None:
+                page = self._allocate(protected)
+                if page is None:
+                    break
+                self._key_of[page] = key
+                self._page_of[key] = page
+                self._children[parent].add(page)
+                dest.append(page)
+                src.append(i)
+            self._lru[page] = None
+            self._lru.move_to_end(page)
+            protected.add(page)
+            parent = page
+        if dest:
+            m = cache.max_length // p
+            d = np.full((m,), self.num_pages, np.int32)
+            sidx = np.zeros((m,), np.int32)
+            d[: len(dest)], sidx[: len(src)] = dest, src
+            self.k_pages, self.v_pages = self._save(self.k_pages, self.v_pages, cache, jnp.asarray(d),
+                                                    jnp.asarray(sidx))
+        for page in matched:
+            self._refs[page] -= 1
+
+    def _allocate(self, protected: set[int]) -> int | None:
+        if not self._free:
+            for page in list(self._lru):
+                if self._refs[page] == 0 and page not in protected:
+                    self._evict(page)
+                    break
+        return self._free.pop() if self._free else None
+
+    def _evict(self, page: int) -> None:
+        for child in list(self._children.pop(page, ())):
+            self._evict(child)
+        key = self._key_of.pop(page)
+        del self._page_of[key]
+        self._children[key[0]].discard(page)
+        self._lru.pop(page, None)
+        self._free.append(page)
+
+    def stats(self) -> dict:
+        return {"pages": self.num_pages, "pages_cached": len(self._key_of), "page_size": self.page_size,
+                "hits": self.hits, "misses": self.misses}

@@ -641,6 +641,9 @@ def _define_flags():
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter and compute dtype.")
     flags.DEFINE_string("mesh", None, 'Device mesh, e.g. "data=1,fsdp=2,tensor=4" (default: one device).')
     flags.DEFINE_string("model_name", None, "Model id served (default: the checkpoint directory's name).")
+    flags.DEFINE_integer("prefix_cache_pages", 256, "Pages of --page_size tokens kept by the prefix cache (full "
+                         "pages of identical prompt prefixes are computed once); 0 turns it off.")
+    flags.DEFINE_integer("page_size", 16, "Tokens per prefix-cache page.")
     flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds running requests may finish after SIGTERM.")
     flags.DEFINE_bool("warmup", True, "Compile prefill/decode with a 1-token request before listening.")
     flags.DEFINE_string("log_level", "warning", "uvicorn log level.")
@@ -648,7 +651,7 @@ def _define_flags():
 
 def build(checkpoint_path: str | None, *, max_batch: int = 16, max_length: int | None = None, quant: str = "none",
           dtype: str | None = None, mesh: str | None = None, max_queue: int = 64, steps_per_dispatch: int = 4,
-          warmup: bool = True):
+          warmup: bool = True, prefix_cache_pages: int = 256, page_size: int = 16):
     """(scheduler, tokenizer, model name) for a checkpoint (default SmolLM2). Raises ValueError naming the flag."""
     import jax.numpy as jnp
 
@@ -660,6 +663,9 @@ def build(checkpoint_path: str | None, *, max_batch: int = 16, max_length: int |
 
     if max_batch < 1:
         raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
+    if prefix_cache_pages < 0 or page_size < 1:
+        raise ValueError(f"--prefix_cache_pages must be >= 0 and --page_size >= 1, got {prefix_cache_pages}, "
+                         f"{page_size}")
     if max_length is not None and max_length < 2:
         raise ValueError(f"--max_length must be >= 2, got {max_length}")
     path = checkpoint_path or default_checkpoint(quiet=True)
@@ -688,8 +694,12 @@ def build(checkpoint_path: str | None, *, max_batch: int = 16, max_length: int |
         stops |= set(chat.chat_format_for(tokenizer).stop_ids)
     except ValueError:
         pass
-    scheduler = Scheduler(engine, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                          steps_per_dispatch=steps_per_dispatch, stop_ids=sorted(stops))
+    def make():
+        return Scheduler(engine, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                         steps_per_dispatch=steps_per_dispatch, stop_ids=sorted(stops),
+                         prefix_cache_pages=prefix_cache_pages, page_size=page_size)
+
+    scheduler = make()
     if warmup:
         import queue as queue_lib
         q: queue_lib.Queue = queue_lib.Queue()
@@ -698,8 +708,7 @@ def build(checkpoint_path: str | None, *, max_batch: int = 16, max_length: int |
             scheduler.submit(Request([bos], SamplingParams(max_tokens=2), q.put))
             while q.get().kind == "token":
                 pass
-        scheduler = Scheduler(engine, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                              steps_per_dispatch=steps_per_dispatch, stop_ids=sorted(stops))
+        scheduler = make()
     name = os.path.basename(os.path.normpath(path))
     return scheduler, tokenizer, name
 
@@ -721,7 +730,8 @@ def main(argv):
         scheduler, tokenizer, name = build(
             FLAGS.checkpoint, max_batch=FLAGS.max_batch, max_length=FLAGS.max_length, quant=FLAGS.quant,
             dtype=FLAGS.dtype, mesh=FLAGS.mesh, max_queue=FLAGS.max_queue,
-            steps_per_dispatch=FLAGS.steps_per_dispatch, warmup=FLAGS.warmup)
+            steps_per_dispatch=FLAGS.steps_per_dispatch, warmup=FLAGS.warmup,
+            prefix_cache_pages=FLAGS.prefix_cache_pages, page_size=FLAGS.page_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
