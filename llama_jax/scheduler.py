@@ -280,8 +280,10 @@ class Scheduler:
         """Rows in use, requests waiting, and counters (submitted, finished, cancelled, prompt tokens prefilled,
         tokens generated)."""
         with self._cond:
+            counters = {k: self._stats[k] for k in ("submitted", "finished", "cancelled", "prompt_tokens_prefilled",
+                                                    "prefix_cache_hit_tokens", "tokens_generated")}
             out = {"rows": self.max_batch, "rows_in_use": sum(r is not None for r in self._rows),
-                   "waiting": len(self._waiting), **self._stats}
+                   "waiting": len(self._waiting), **counters}
         if self.prefix_cache is not None:
             out["prefix_cache"] = self.prefix_cache.stats()
         return out

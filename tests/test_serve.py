@@ -181,6 +181,26 @@ PROMPTS = ["The capital of France is", "Water boils at", "My favourite colour is
            "The largest planet is", "A haiku about snow:", "def fibonacci(n):", "Three plus four equals"]
 
 
+def test_prefix_cache_hit_gives_the_same_tokens_as_a_miss(server, client):
+    system = "You are a careful assistant. " + " ".join(f"Rule {i}: answer briefly." for i in range(30))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Name a fruit."}]
+    h0 = _health(server)
+    miss = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12, logprobs=True)
+    h1 = _health(server)
+    hit = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12, logprobs=True)
+    h2 = _health(server)
+    n = miss.usage.prompt_tokens
+    page = h0["prefix_cache"]["page_size"]
+    assert n > 4 * page
+    assert h1["prefix_cache_hit_tokens"] - h0["prefix_cache_hit_tokens"] == 0          # nothing shared yet
+    assert h2["prefix_cache_hit_tokens"] - h1["prefix_cache_hit_tokens"] == (n - 1) // page * page
+    assert h2["prompt_tokens_prefilled"] - h1["prompt_tokens_prefilled"] == n - (n - 1) // page * page
+    assert hit.choices[0].message.content == miss.choices[0].message.content
+    a = [t.logprob for t in miss.choices[0].logprobs.content]
+    b = [t.logprob for t in hit.choices[0].logprobs.content]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)        # other chunk boundaries: float32 rounding only
+
+
 def test_concurrent_clients_get_what_they_get_alone(server, client):
     def ask(p):
         return client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0).choices[0].text
@@ -243,27 +263,6 @@ def _post(server, path, body, raw=None):
                       headers={"Content-Type": "application/json"}, timeout=REQUEST_S)
 
 
-@pytest.mark.parametrize("path,body,status,param,words", [
-    ("/v1/completions", None, 400, None, "could not parse the JSON"),
-    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "number"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", ">= 0"),
-    ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "required"),
-    ("/v1/completions", {"prompt": [[1, 2, 10 ** 9]]}, 400, "prompt", "outside the vocabulary"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 9}, 400, "logprobs", "<= 5"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", "must be 1"),
-    ("/v1/completions", {"prompt": "word " * 600}, 400, "prompt", f"maximum context length is {MAX_LENGTH}"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": MAX_LENGTH}, 400, "prompt", "maximum context length"),
-    ("/v1/completions", {"prompt": "hi", "model": "gpt-7"}, 404, "model", "does not exist"),
-    ("/v1/chat/completions", {"messages": "hello"}, 400, "messages", "array"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0]", "role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
-     "tool_choice", "auto"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-     400, "tools[0]", "tools[0]"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}, 400, "messages",
-     f"maximum context length is {MAX_LENGTH}"),
-    ("/v1/nothing", {}, 404, None, "Not Found"),
-])
 def _hf_tokenizer_dir(checkpoint_dir, out) -> str:
     """The checkpoint's tokenizer.json as a transformers tokenizer that prepends BOS (as experiments/eval.py's
     contexts do), for lm-eval's tokenizer_backend=huggingface."""
@@ -317,6 +316,27 @@ def ev_mc_path() -> str:
     return os.path.join(REPO, "tests", "data", "mc20.jsonl")
 
 
+@pytest.mark.parametrize("path,body,status,param,words", [
+    ("/v1/completions", None, 400, None, "could not parse the JSON"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "number"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", ">= 0"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "required"),
+    ("/v1/completions", {"prompt": [[1, 2, 10 ** 9]]}, 400, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 9}, 400, "logprobs", "<= 5"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", "must be 1"),
+    ("/v1/completions", {"prompt": "word " * 600}, 400, "prompt", f"maximum context length is {MAX_LENGTH}"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": MAX_LENGTH}, 400, "prompt", "maximum context length"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-7"}, 404, "model", "does not exist"),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "messages", "array"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0]", "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
+     "tool_choice", "auto"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools[0]", "tools[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}, 400, "messages",
+     f"maximum context length is {MAX_LENGTH}"),
+    ("/v1/nothing", {}, 404, None, "Not Found"),
+])
 def test_bad_requests(server, path, body, status, param, words):
     r = _post(server, path, body, raw=b"{not json" if body is None else None)
     assert r.status_code == status, r.text
