@@ -162,7 +162,7 @@ def _start_server(extra: list[str]):
 def main(argv):
     del argv
     mix = []
-    for part in FLAGS.mix:
+    for part in FLAGS.mix.split(","):
         length, _, count = part.partition("x")
         mix += [int(length)] * int(count or 1)
     fit = concurrency_fit(mix, FLAGS.fit_budget, FLAGS.fit_max_length, 16)

@@ -37,10 +37,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import queue as queue_lib
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -287,6 +288,38 @@ class Scheduler:
         if self.prefix_cache is not None:
             out["prefix_cache"] = self.prefix_cache.stats()
         return out
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 timeout: float | None = None) -> Iterator[tuple[int, Result]]:
+        """Runs every prompt through the running batch (the batch-job path of ``generate --output``): submits
+        them as the queue has room and yields ``(index, Result)`` as each finishes (finishing order). Greedy
+        results equal :meth:`Engine.generate_continuous`'s. Raises ValueError (see :meth:`check`) before
+        anything runs, RuntimeError if a request fails; ``timeout`` bounds the wait for each result."""
+        for p in prompts:
+            self.check(p, params)
+        events: queue_lib.Queue = queue_lib.Queue()
+        todo = list(range(len(prompts)))[::-1]
+        running: dict[int, Request] = {}
+        try:
+            while todo or running:
+                while todo:
+                    i = todo[-1]
+                    try:
+                        running[i] = self.submit(Request(prompts[i], params, lambda e, i=i: events.put((i, e))))
+                    except QueueFull:
+                        if not running:
+                            raise
+                        break
+                    todo.pop()
+                i, ev = events.get(timeout=timeout)
+                if ev.kind == "error":
+                    raise RuntimeError(f"prompt {i}: {ev.error}")
+                if ev.kind == "done":
+                    del running[i]
+                    yield i, ev.result
+        finally:
+            for r in running.values():
+                self.cancel(r)
 
     def score(self, tokens: Sequence[int], k: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Log-likelihoods of ``tokens`` (call from the worker thread or when it is idle).

@@ -66,6 +66,15 @@ def test_continuous_batching_equals_each_prompt_alone(engine):
     assert stats["finished"] == 5 and stats["rows_in_use"] == 0
 
 
+def test_generate_equals_engine_generate_continuous(engine):
+    prompts = _prompts([9, 33, 4, 21, 15, 2], seed=5)
+    ref = dict(engine.generate_continuous(prompts, batch_size=2, max_new_tokens=6))
+    with Scheduler(engine, ByteTokenizer(), max_batch=2, max_queue=1, stop_ids=()) as s:
+        got = dict(s.generate(prompts, SamplingParams(max_tokens=6), timeout=300))
+    assert sorted(got) == list(range(len(prompts)))
+    assert [got[i].tokens for i in range(len(prompts))] == [ref[i].tokens for i in range(len(prompts))]
+
+
 def test_prefix_cache_hit_gives_the_tokens_of_a_miss(engine):
     a, b, c = _prompts([45, 25, 70], seed=1)
     prompts = [a, a, a[:20] + b, c, a]                # repeat, shared first page, a long one that evicts, repeat
