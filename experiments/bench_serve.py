@@ -53,7 +53,7 @@ def _define_flags():
     flags.DEFINE_integer("clients", 8, "Concurrent clients.")
     flags.DEFINE_integer("requests", 4, "Requests per client.")
     flags.DEFINE_integer("max_tokens", 32, "New tokens per request.")
-    flags.DEFINE_integer("system_tokens", 500, "Words in the shared system prompt.")
+    flags.DEFINE_integer("system_tokens", 500, "Words (about one token each) in the shared system prompt.")
     flags.DEFINE_float("timeout", 600.0, "Seconds per request.")
     flags.DEFINE_list("configs", ["prefix", "noprefix"], "Server configurations to compare (without --url).")
     flags.DEFINE_integer("max_batch", 8, "--max_batch of the started server.")
@@ -101,7 +101,8 @@ def load_test(base: str, label: str) -> dict:
     host = urllib.parse.urlparse(base).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"error: --url: {base}: only loopback servers may be benchmarked")
-    system = " ".join(f"rule{i % 50}" for i in range(FLAGS.system_tokens))
+    words = "the quick brown fox jumps over the lazy dog and then".split()     # about one token per word
+    system = " ".join(words[i % len(words)] for i in range(FLAGS.system_tokens))
     results: list[dict] = []
     lock = threading.Lock()
 
@@ -123,6 +124,10 @@ def load_test(base: str, label: str) -> dict:
         t.join(FLAGS.timeout * FLAGS.requests + 60)
     wall = time.perf_counter() - start
     good = [r for r in results if r.get("ok")]
+    for r in results:
+        if not r.get("ok"):
+            print(f"warning: {label}: a request failed: {r.get('status') or r.get('error') or 'incomplete'}",
+                  file=sys.stderr)
     ttft = [r["times"][0] - r["t0"] for r in good if r["times"]]
     tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in good if len(r["times"]) > 1]
     after = httpx.get(base + "/health", timeout=30).json()

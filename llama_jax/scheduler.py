@@ -26,6 +26,9 @@ Design (ARCHITECTURE.md, "Where new work goes"; the continuous batching of vLLM 
   the worker thread (``"token"`` with the new text, ``"done"`` with the :class:`Result`, ``"error"``); it must not
   block (a server hands them to its event loop). :meth:`Scheduler.cancel` frees the request's row before the
   next dispatch (a client that disconnects loses nothing but its own row).
+* **Prefix cache** (``prefix_cache_pages > 0``): the full pages of a prompt that an earlier prompt already had
+  (same tokens from position 0) are loaded from a page pool instead of prefilled (:class:`PrefixCache`); only the
+  rest of the prompt is computed, in chunks starting at the first uncached position.
 * **Shutdown.** :meth:`Scheduler.shutdown` refuses new requests, fails the waiting ones with an ``"error"`` event,
   lets the running ones finish (up to ``timeout`` seconds, then fails them too) and joins the thread.
 
@@ -227,6 +230,11 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._run, name="llama-jax-scheduler", daemon=True)
                 self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (False before :meth:`start`, after shutdown or a crash)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
         """Raises ValueError (naming the field or the limit) if a request cannot run: empty prompt, ids outside

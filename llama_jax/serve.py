@@ -329,7 +329,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
     # ------------------------------------------------------------------------------------------ endpoints
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "max_length": max_length, **scheduler.stats()}
+        body = {"status": "ok" if scheduler.alive else "unavailable", "model": model_name, "max_length": max_length,
+                **scheduler.stats()}
+        return JSONResponse(body, status_code=200 if scheduler.alive else 503)
 
     def model_card():
         return {"id": model_name, "object": "model", "created": created, "owned_by": "llama-jax",
