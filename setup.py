@@ -44,12 +44,21 @@ setup(
             "nbclient",
             "ipykernel",
             "matplotlib",
+            "fastapi",
+            "uvicorn",
+            "openai",
+            "lm-eval[api]>=0.4,<0.5",
         ],
+        # the OpenAI-compatible server (python -m llama_jax.serve)
+        "serve": ["fastapi", "uvicorn"],
+        # the evaluation harness against the server (lm_eval --model local-completions)
+        "eval": ["lm-eval[api]>=0.4,<0.5"],
     },
     entry_points={
         "console_scripts": [
             "llama-jax-convert=conversions.__main__:run",
             "llama-jax-generate=llama_jax.generate:run",
+            "llama-jax-serve=llama_jax.serve:run",
         ]
     },
 )

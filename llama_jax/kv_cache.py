@@ -81,3 +81,106 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.
 def cache_logical_axes() -> KVCache:
     """A ``KVCache`` whose leaves are the logical axis names of each array."""
     return KVCache(k=CACHE_AXES, v=CACHE_AXES, lengths=LENGTHS_AXES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paged KV cache (issue 16): a pool of pages of P tokens per layer and a page table per row
+# ----------------------------------------------------------------------------------------------------------------
+#
+#   k_pages, v_pages: [L, N, P, K, H]   layers, pages of the pool, slots of a page, KV heads, head dim
+#   page_table:       int32 [B, M]      the pool pages of row b in order: slot s of the row is slot s % P of page
+#                                       page_table[b, s // P]; entries past a row's pages are ignored
+#   lengths:          int32 [B]         tokens stored per row
+#
+# A row holds only the pages its tokens use (vLLM's PagedAttention, Kwon et al. 2023, "Efficient Memory Management
+# for Large Language Model Serving with PagedAttention", SOSP, section 4.1). The host-side allocator and the prefix
+# cache that shares full pages between rows are in llama_jax.scheduler. Attention reads a row's pages by gathering
+# them into the dense [L, B, S, K, H] layout the model's attention takes (paged_attention); a blockwise loop over
+# pages can replace that gather without changing this layout.
+
+PAGED_CACHE_AXES = ("layers", None, None, "cache_kv_heads", "cache_head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    """Pages of keys/values, a page table per row, per-row lengths. Shapes in the section comment above."""
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    page_table: jax.Array
+    lengths: jax.Array
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[2]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_pages.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        """Slots a row can address: pages per row x page size."""
+        return self.page_table.shape[1] * self.page_size
+
+    def replace(self, **changes) -> PagedKVCache:
+        return dataclasses.replace(self, **changes)
+
+    def nbytes(self) -> int:
+        return int(self.k_pages.nbytes + self.v_pages.nbytes + self.page_table.nbytes + self.lengths.nbytes)
+
+
+def init_paged_cache(config: LlamaConfig, num_pages: int, page_size: int, batch_size: int, pages_per_row: int,
+                     dtype=jnp.float32) -> PagedKVCache:
+    """An empty page pool (zeros) with page tables of ``pages_per_row`` entries (all page 0) and lengths 0.
+
+    Raises ValueError for a non-positive size or rows longer than the model's context.
+    """
+    for name, v in (("num_pages", num_pages), ("page_size", page_size), ("batch_size", batch_size),
+                    ("pages_per_row", pages_per_row)):
+        if v <= 0:
+            raise ValueError(f"{name} must be positive, got {v}")
+    if pages_per_row * page_size > config.max_seq_len + page_size - 1:
+        raise ValueError(f"pages_per_row {pages_per_row} x page_size {page_size} exceeds the model's context "
+                         f"{config.max_seq_len}")
+    shape = (config.n_layers, num_pages, page_size, config.n_kv_heads, config.head_dim)
+    return PagedKVCache(k_pages=jnp.zeros(shape, dtype), v_pages=jnp.zeros(shape, dtype),
+                        page_table=jnp.zeros((batch_size, pages_per_row), jnp.int32),
+                        lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
+    """The dense slots of each row: pages [L, N, P, K, H] and page_table int32 [B, M] -> [L, B, M*P, K, H]."""
+    g = jnp.take(pages, page_table, axis=1)                           # [L, B, M, P, K, H]
+    n_layers, b, m, p = g.shape[:4]
+    return g.reshape(n_layers, b, m * p, *g.shape[4:])
+
+
+def paged_write(cache: PagedKVCache, layer: int, positions: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVCache:
+    """Stores this layer's new keys/values k, v [B, T, K, H] at token ``positions`` int32 [B, T] of each row
+    (slot s goes to page page_table[b, s // P], slot s % P). Positions beyond the row's table are dropped."""
+    p = cache.page_size
+    m = cache.page_table.shape[1]
+    idx = jnp.clip(positions // p, 0, m - 1)
+    page = jnp.take_along_axis(cache.page_table, idx, axis=1)                      # [B, T]
+    page = jnp.where(positions // p < m, page, cache.num_pages)                     # out of range: dropped
+    slot = positions % p
+    kp = cache.k_pages.at[layer, page, slot].set(k.astype(cache.k_pages.dtype), mode="drop")
+    vp = cache.v_pages.at[layer, page, slot].set(v.astype(cache.v_pages.dtype), mode="drop")
+    return cache.replace(k_pages=kp, v_pages=vp)
+
+
+def paged_attention(q: jax.Array, cache: PagedKVCache, layer: int, q_positions: jax.Array) -> jax.Array:
+    """Causal GQA attention of queries q [B, T, N, H] (at ``q_positions`` int32 [B, T]) over the pages of each
+    row in ``layer``: the row's pages are gathered into dense slots and fed to the model's attention
+    (:func:`llama_jax.model.dot_product_attention`, slot s = position s, visible when s <= the query position).
+    Returns [B, T, N, H] in q's dtype."""
+    from llama_jax.model import attention_mask, dot_product_attention
+
+    k = gather_pages(cache.k_pages[layer][None], cache.page_table)[0]             # [B, S, K, H]
+    v = gather_pages(cache.v_pages[layer][None], cache.page_table)[0]
+    b, s = k.shape[:2]
+    k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    mask = attention_mask(q_positions, k_positions)                                 # [B, T, S]
+    return dot_product_attention(q, k, v, mask)
