@@ -222,9 +222,13 @@ def main(argv):
         gguf = FLAGS.gguf or assets.smollm2_gguf_path()
         ckpt_dir = _gguf_to_checkpoint(gguf, os.path.join(workdir, "base"))
     try:
+        checkpoint.check_arrays(ckpt_dir)
         model = checkpoint.load(ckpt_dir, dtype=jnp.float32)
     except (ValueError, OSError) as e:
         _fail(f"--checkpoint: {e}")
+    except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
+        from llama_jax.generate import root_cause
+        _fail(f"--checkpoint: {ckpt_dir}: damaged parameter array ({root_cause(e)})")
     if mesh is not None:
         try:
             sharding_lib.validate(model.config, mesh)

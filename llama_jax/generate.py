@@ -164,6 +164,13 @@ def encode_prompts(prompts, tokenizer, *, chat: bool, system: str | None, tools,
     return out
 
 
+def root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception of ``e``'s cause chain (e.g. TensorStore naming the file)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
 def _where(key: str, i: int) -> str:
     """How an error names prompt ``i``: ``--prompts_file: FILE:LINE`` or ``--prompt: prompt i``."""
     if key.startswith("line:"):
@@ -252,9 +259,14 @@ def run_generation() -> int:
             raise UsageError(f"--mesh: {e}") from None
     try:
         from llama_jax import quant
+        checkpoint.check_arrays(path)
         model = quant.load(path, quant=FLAGS.quant, dtype=FLAGS.dtype and jnp.dtype(FLAGS.dtype), mesh=mesh)
     except (FileNotFoundError, ValueError) as e:
+        if "tensorstore" in str(e).lower() or e.__cause__ is not None:
+            raise UsageError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
         raise UsageError(f"--checkpoint: {e}") from None
+    except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a missing or truncated chunk)
+        raise UsageError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
     if FLAGS.top_k > model.config.vocab_size:
         raise UsageError(f"--top_k={FLAGS.top_k} is larger than the vocabulary ({model.config.vocab_size} tokens)")
     max_length = model.config.max_seq_len if FLAGS.max_length is None else min(FLAGS.max_length,
