@@ -227,8 +227,9 @@ def main(argv):
     except (ValueError, OSError) as e:
         _fail(f"--checkpoint: {e}")
     except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
-        from llama_jax.generate import root_cause
-        _fail(f"--checkpoint: {ckpt_dir}: damaged parameter array ({root_cause(e)})")
+        while e.__cause__ is not None:          # the innermost error names the file (TensorStore)
+            e = e.__cause__
+        _fail(f"--checkpoint: {ckpt_dir}: damaged parameter array ({str(e).splitlines()[0][:300]})")
     if mesh is not None:
         try:
             sharding_lib.validate(model.config, mesh)
