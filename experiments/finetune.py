@@ -229,7 +229,9 @@ def main(argv):
     except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
         while e.__cause__ is not None:          # the innermost error names the file (TensorStore)
             e = e.__cause__
-        _fail(f"--checkpoint: {ckpt_dir}: damaged parameter array ({str(e).splitlines()[0][:300]})")
+        print(f"error: --checkpoint: {ckpt_dir}: damaged parameter array ({str(e).splitlines()[0][:300]})",
+              file=sys.stderr, flush=True)
+        os._exit(2)         # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
     if mesh is not None:
         try:
             sharding_lib.validate(model.config, mesh)

@@ -55,19 +55,28 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
         raise FileNotFoundError(f"{path}: no such file")
     docs: list[Document] = []
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: line {lineno} is not valid JSON ({e.msg})") from None
                 docs.append(_document_from_json(obj, where))
     else:
-        with open(path, encoding="utf-8") as f:
-            docs.append(Document(text=f.read(), source=path))
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            docs.append(Document(text=raw.decode("utf-8"), source=path))
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start})") from None
     docs = [d for d in docs if (d.text if d.text is not None else d.messages)]
     if not docs:
         raise ValueError(f"{path}: empty dataset (no non-empty document)")

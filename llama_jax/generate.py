@@ -73,6 +73,10 @@ class UsageError(ValueError):
     """Bad input from the command line; the message names the flag or file."""
 
 
+class DamagedCheckpointError(UsageError):
+    """A parameter array could not be read; Orbax may still have reads in flight on other threads."""
+
+
 def read_prompts_file(path: str, on_bad_line: str = "error") -> list[Any]:
     """Prompts from JSONL: each line {"prompt": str} or {"messages": [...]}; errors name the line number."""
     return [p for _, p in read_prompts_records(path, on_bad_line)]
@@ -239,7 +243,10 @@ def run_generation() -> int:
     tok_dir = checkpoint.tokenizer_dir(path)
     if tok_dir is None:
         raise UsageError(f"--checkpoint: {path}: no tokenizer/ directory in the checkpoint")
-    tokenizer = Tokenizer.from_file(tok_dir)
+    try:
+        tokenizer = Tokenizer.from_file(tok_dir)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--checkpoint: {tok_dir}: cannot read the tokenizer ({e})") from None
     tools = chat_lib.load_tools(FLAGS.tools) if FLAGS.tools else None
     date = datetime.date.fromisoformat(FLAGS.date) if FLAGS.date else None
     try:
@@ -263,10 +270,11 @@ def run_generation() -> int:
         model = quant.load(path, quant=FLAGS.quant, dtype=FLAGS.dtype and jnp.dtype(FLAGS.dtype), mesh=mesh)
     except (FileNotFoundError, ValueError) as e:
         if "tensorstore" in str(e).lower() or e.__cause__ is not None:
-            raise UsageError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
+            raise DamagedCheckpointError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") \
+                from None
         raise UsageError(f"--checkpoint: {e}") from None
     except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a missing or truncated chunk)
-        raise UsageError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
+        raise DamagedCheckpointError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
     if FLAGS.top_k > model.config.vocab_size:
         raise UsageError(f"--top_k={FLAGS.top_k} is larger than the vocabulary ({model.config.vocab_size} tokens)")
     max_length = model.config.max_seq_len if FLAGS.max_length is None else min(FLAGS.max_length,
@@ -483,6 +491,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         return run_generation()
+    except DamagedCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)         # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
     except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
