@@ -44,7 +44,7 @@ def _tiny_checkpoint(directory, tok, poison=False) -> str:
                       max_seq_len=256, rope_theta=10000.0)
     model = train.host_random_model(cfg)
     if poison:                                   # NaN weights: the first training loss is NaN
-        model.final_norm.scale.value = model.final_norm.scale.value * np.nan
+        model.final_norm.scale[...] = model.final_norm.scale[...] * np.nan
     tok_dir = os.path.join(directory, "tok")
     os.makedirs(tok_dir, exist_ok=True)
     tok.save(tok_dir)
@@ -214,7 +214,7 @@ def test_fit_stops_on_a_non_finite_loss(tmp_path):
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64,
                       rope_theta=10000.0)
     model = train.host_random_model(cfg, param_dtype=jnp.float32)
-    model.embedder.embedding.value = model.embedder.embedding.value.at[5].set(jnp.inf)
+    model.embedder.embedding[...] = model.embedder.embedding[...].at[5].set(jnp.inf)
     rows = data.pack_documents([(np.arange(1, 40, dtype=np.int32) % 64, np.ones(39, np.float32))], 16)
     trainer = train.Trainer(model, train.TrainConfig(total_steps=3))
     ck = train.Checkpointer(tmp_path / "ck", save_every=1, keep=2)
@@ -417,8 +417,8 @@ PLAN_ROWS = [
 def test_plan_bad_input_table(tmp_path, name, args, culprit):
     (tmp_path / "adir").mkdir()
     before = _snapshot(tmp_path)
-    r = _run(["-m", "llama_jax.plan", "--model=llama3.2-1b", "--mesh=tensor=1", "--max_length=256", *args],
-             tmp_path, timeout=300)
+    r = _run(["-m", "llama_jax.plan", "--model=llama3.2-1b", "--mesh=tensor=1", "--max_length=256",
+              "--prefill_length=64", *args], tmp_path, timeout=300)
     _assert_clean_failure(r, 2, culprit, before, tmp_path)
 
 
