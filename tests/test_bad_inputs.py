@@ -147,7 +147,7 @@ def test_output_resume_drops_only_our_torn_line_and_refuses_other_settings(tiny,
     assert [x["id"] for x in again[:2]] == [x["id"] for x in records[:2]] and len(again) == 3
 
 
-# ------------------------------------------------------------------------------------------------ broken 2: special tokens
+# --------------------------------------------------------------------------------------------- broken 2: special tokens
 def _special_ids(tok, ids):
     specials = set(tok.special_tokens.values())
     return [i for i in ids if i in specials]
