@@ -390,6 +390,32 @@ def test_conversion_bad_input_table(tiny_hf, tmp_path, name, args, culprit):
     _assert_clean_failure(r, 1, culprit, before, tmp_path)
 
 
+@pytest.mark.parametrize("meta,culprit", [({"head_count": 0}, "llama.attention.head_count=0"),
+                                         ({"head_count": 7}, "llama.attention.head_count=7"),
+                                         ({"rope_dimension_count": 0}, "llama.rope.dimension_count=0")],
+                         ids=["head_count_0", "head_count_7", "rope_dim_0"])
+def test_conversion_bad_gguf_metadata(tmp_path, meta, culprit):
+    from tests.test_convert_gguf import _tiny_gguf
+    _tiny_gguf(tmp_path / "m.gguf", "F32", **meta)
+    before = _snapshot(tmp_path)
+    r = _run(["-m", "conversions", "--source=gguf", "--input=m.gguf", "--output=out", "--progress=false"], tmp_path)
+    _assert_clean_failure(r, 1, culprit, before, tmp_path)
+    assert "m.gguf" in r.stderr
+
+
+@pytest.mark.parametrize("field,value", [("n_heads", 0), ("n_heads", "4"), ("dim", -64)])
+def test_conversion_bad_meta_params(tmp_path, field, value):
+    import torch
+    src = tmp_path / "meta"
+    src.mkdir()
+    torch.save({"norm.weight": torch.ones(64)}, src / "consolidated.00.pth")     # the fields are checked first
+    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
+    (src / "params.json").write_text(json.dumps(dict(params, **{field: value})))
+    before = _snapshot(tmp_path)
+    r = _run(["-m", "conversions", "--source=meta", f"--input={src}", "--output=out", "--progress=false"], tmp_path)
+    _assert_clean_failure(r, 1, f"field {field!r}", before, tmp_path)
+
+
 def test_conversion_rerun_removes_a_killed_runs_debris(tiny_hf, tmp_path):
     debris = tmp_path / ".out.partial-abc123"
     (debris / "params").mkdir(parents=True)
