@@ -429,6 +429,28 @@ def test_conversion_rerun_removes_a_killed_runs_debris(tiny_hf, tmp_path):
     assert "left by an interrupted conversion" in r.stderr
 
 
+# ------------------------------------------------------------------------------------------------ eval table
+EVAL_ROWS = [
+    ("missing_chunk", "missing_chunk", ["--text=t.txt"], "embedder.embedding/0.0"),
+    ("truncated_chunk", "truncated_chunk", ["--text=t.txt"], "embedder.embedding/0.0"),
+    ("mc_bad_utf8", None, ["--mc=bad.jsonl", "--on_bad_line=error"], "bad.jsonl:2: not valid UTF-8"),
+    ("mc_missing", None, ["--mc=nowhere.jsonl"], "--mc: nowhere.jsonl"),
+    ("text_bad_utf8", None, ["--text=bad.txt"], "--text: bad.txt"),
+    ("batch_size_0", None, ["--text=t.txt", "--batch_size=0"], "--batch_size"),
+]
+
+
+@pytest.mark.parametrize("name,damage,args,culprit", EVAL_ROWS, ids=[r[0] for r in EVAL_ROWS])
+def test_eval_bad_input_table(tiny, tmp_path, name, damage, args, culprit):
+    ckpt = _damaged_copy(tiny, tmp_path, damage) if damage else tiny
+    (tmp_path / "t.txt").write_text("Some text to score. " * 10)
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\n")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"q": "\xff"}\n')
+    before = _snapshot(tmp_path)
+    r = _run([os.path.join(REPO, "experiments", "eval.py"), f"--checkpoint={ckpt}", *args], tmp_path)
+    _assert_clean_failure(r, 1, culprit, before, tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ plan table
 PLAN_ROWS = [
     ("dtype_float128", ["--dtype=float128"], "--dtype"),
