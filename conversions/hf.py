@@ -72,7 +72,8 @@ class HFSource(Source):
         try:
             self.config = LlamaConfig.from_hf_config(cfg_file)
         except ValueError as e:
-            raise ConversionError(f"{cfg_file}: {_hf_names(str(e))}") from None
+            msg = _hf_names(str(e))
+            raise ConversionError(msg if msg.startswith(cfg_file) else f"{cfg_file}: {msg}") from None
         index = os.path.join(directory, "model.safetensors.index.json")
         single = os.path.join(directory, "model.safetensors")
         if os.path.isfile(index):

@@ -82,6 +82,8 @@ def _check_flags():
         v = FLAGS[name].value
         if not math.isfinite(v) or v < 0 or (positive and v == 0):
             _fail(f"--{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v}")
+    if FLAGS.compute_dtype not in (None, "float32", "bfloat16", "float16"):
+        _fail(f"--compute_dtype={FLAGS.compute_dtype!r}: expected float32, bfloat16 or float16")
     if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
         _fail(f"--workdir: {FLAGS.workdir} exists and is not a directory")
     if FLAGS.checkpoint and not os.path.isfile(os.path.join(FLAGS.checkpoint, "config.json")):

@@ -348,6 +348,7 @@ FINETUNE_ROWS = [
     ("data_bad_utf8_txt", ["--data=bad.txt"], "bad.txt"),
     ("data_bad_utf8_jsonl", ["--data=bad.jsonl"], "bad.jsonl:2"),
     ("mesh_unknown_axis", ["--mesh=model=2"], "--mesh"),
+    ("compute_dtype_float128", ["--compute_dtype=float128"], "--compute_dtype"),
 ]
 
 
