@@ -14,6 +14,10 @@ with the same flags resumes), ``final/`` (the fine-tuned model, LoRA merged, as 
 directory with the tokenizer: it loads with ``llama_jax.checkpoint.load`` and exports with
 ``python -m conversions --source=orbax --target=hf``).
 
+Training data is untrusted text: special-token text typed in it (``<|eot_id|>``, ``<|im_end|>``) stays plain text and
+only the chat format writes special tokens (``--allow_special_in_data`` opts in for pre-formatted ``text``
+documents). A NaN/inf loss or gradient norm stops training naming the step; ``final/`` is then not written.
+
 Starting weights: ``--checkpoint`` (a llama-jax checkpoint), else ``--gguf`` converted once into
 ``--workdir/base`` (with ``python -m conversions --source=gguf`` when that converter is present, else through
 ``transformers``' GGUF reader, which dequantizes to float32 and already un-permutes q/k to the half-split layout).

@@ -14,8 +14,10 @@ with ``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason`` (and ``to
 Batch generation (``--output``): prompts are decoded ``--batch_size`` at a time with continuous refilling (a
 finished row takes the next prompt at once, :meth:`llama_jax.engine.Engine.generate_continuous`); each finished
 prompt is appended to the output as one JSON line (``id`` = ``line:N`` of the prompts file or ``prompt:i``,
-``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason``) and flushed, so a killed job restarted with the
-same flags skips the prompts already written (a last line cut short by the kill is dropped) and loses none. A tqdm
+``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason``, ``settings``: the flags that decide a completion)
+and flushed, so a killed job restarted with the same flags skips the prompts already written (a last line cut short
+by the kill is dropped) and loses none. An ``--output`` holding anything but this tool's records, the prompts file
+itself, or records made with other settings is refused and left untouched. A tqdm
 bar shows prompts and tokens/s; the throughput is printed at the end. Malformed prompt lines exit 1 naming
 ``file:line`` unless ``--on_bad_line=skip`` (reported and skipped). ``--quant=int8`` loads int8 weights
 (:mod:`llama_jax.quant`).
