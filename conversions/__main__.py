@@ -50,6 +50,7 @@ def convert_from_flags(source: str, input: str, output: str, target: str | None 
         raise ValueError("--input is required")
     if not output:
         raise ValueError("--output is required")
+    common.check_no_overlap(input, output)
     np_dtype = common.numpy_dtype(dtype)
     if source == "orbax":
         from conversions import export

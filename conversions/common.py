@@ -94,25 +94,122 @@ def bound_malloc() -> None:
         pass
 
 
+def check_no_overlap(input: str, output: str) -> None:
+    """Refuses an ``output`` that is, contains or lies inside ``input`` (writing it would destroy the source).
+
+    Raises ConversionError naming both flags.
+    """
+    src, dst = os.path.realpath(input), os.path.realpath(output)
+    if src == dst:
+        raise ConversionError(f"--output: {output} is the --input itself; choose another output")
+    if dst.startswith(src.rstrip(os.sep) + os.sep):
+        raise ConversionError(f"--output: {output} lies inside --input {input}; choose an output outside it")
+    if src.startswith(dst.rstrip(os.sep) + os.sep):
+        raise ConversionError(f"--output: {output} contains --input {input}; replacing it would delete the source")
+
+
+def _debris(output: str) -> list[str]:
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    prefix = f".{os.path.basename(os.path.abspath(output))}.partial-"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    return [os.path.join(parent, n) for n in names if n.startswith(prefix)]
+
+
+class _OutputLock:
+    """An exclusive lock on ``.NAME.lock`` beside ``output`` for one conversion: while held, every
+    ``.NAME.partial-*`` sibling is the debris of an earlier killed run (this tool's own temporary directory), which
+    is removed. A second conversion to the same output at the same time is refused."""
+
+    def __init__(self, output: str):
+        self.path = os.path.join(os.path.dirname(os.path.abspath(output)) or ".",
+                                 f".{os.path.basename(os.path.abspath(output))}.lock")
+        self.output = output
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        import shutil
+        import sys
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise ConversionError(f"--output: {self.output}: another conversion is writing it now") from None
+        for d in _debris(self.output):
+            print(f"removing {d}: left by an interrupted conversion of {self.output}", file=sys.stderr)
+            shutil.rmtree(d, ignore_errors=True)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        return False
+
+
+def _finfo_max(dtype) -> float:
+    import ml_dtypes
+    return float(ml_dtypes.finfo(dtype).max)
+
+
+def _count_non_finite(a: np.ndarray) -> int:
+    flat = a.reshape(-1)
+    step = 1 << 24                      # bounded scratch memory: 16M booleans at a time
+    return sum(int(flat[i:i + step].size - np.count_nonzero(np.isfinite(flat[i:i + step])))
+               for i in range(0, flat.size, step))
+
+
+def checked_cast(name: str, value: np.ndarray, dtype, where: str, layer: int | None = None) -> np.ndarray:
+    """``value`` cast to ``dtype``; ConversionError naming ``where``, the tensor and its layer when the source holds
+    NaN/inf or the cast overflows (e.g. float16 beyond 65504)."""
+    value = np.asarray(value)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = value if value.dtype == dtype else value.astype(dtype)
+    bad = _count_non_finite(out)
+    if not bad:
+        return out
+    what = f"tensor {name}" + (f" (layer {layer})" if layer is not None else "")
+    if out is value or _count_non_finite(value):
+        raise ConversionError(f"{where}: {what} holds NaN/inf value(s) in the source checkpoint")
+    raise ConversionError(f"{where}: {what}: {bad} value(s) overflow --dtype={np.dtype(dtype).name} "
+                          f"(its largest finite value is {float(_finfo_max(dtype)):.6g}); choose --dtype=bfloat16 "
+                          "or float32")
+
+
 def convert(source: Source, output: str, dtype=None, overwrite: bool = False, progress: bool = True) -> str:
     """Streams ``source`` into a llama-jax checkpoint at ``output``; returns its path.
 
     ``dtype``: numpy dtype of the stored parameters (None: the source's own dtype). The tokenizer files are
-    copied into ``output``/tokenizer. On any error nothing is left at ``output``.
+    copied into ``output``/tokenizer. On any error nothing is left at ``output``; a rerun removes the temporary
+    directory an earlier killed run of the same output left (``.NAME.partial-*``).
+
+    Raises ConversionError naming the tensor when the source holds NaN/inf or the cast to ``dtype`` overflows.
     """
     import tempfile
     bound_malloc()
     cfg = source.config
     dtype = np.dtype(dtype or source.dtype)
-    with checkpoint.CheckpointWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer, \
+    where = getattr(source, "path", None) or getattr(source, "dir", None) or "input"
+    with _OutputLock(output), \
+            checkpoint.CheckpointWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer, \
             tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
         for name, w in source.global_tensors():
-            writer.write(name, layout.torch_to_ours(name, w, cfg))
+            writer.write(name, checked_cast(name, layout.torch_to_ours(name, w, cfg), dtype, where))
             bar.update(source.bytes_read - bar.n)
             del w
         for i in range(cfg.n_layers):
             for name, w in source.layer_tensors(i):
-                writer.write(name, layout.torch_to_ours(name, w, cfg), layer=i)
+                writer.write(name, checked_cast(name, layout.torch_to_ours(name, w, cfg), dtype, where, i), layer=i)
                 bar.update(source.bytes_read - bar.n)
                 del w
         with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output)) or ".") as tmp:

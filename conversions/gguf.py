@@ -77,18 +77,34 @@ class GGUFSource(Source):
             return default
         return f.contents()
 
+    def _positive(self, key, default=...) -> int:
+        v = self._field(key, default)
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1 or n != v:
+            raise ConversionError(f"{self.path}: metadata {key}={v!r} must be a positive integer")
+        return n
+
     def _config(self) -> LlamaConfig:
         f = self._field
         emb = self.tensors.get("token_embd.weight")
         if emb is None:
             raise ConversionError(f"{self.path}: tensor token_embd.weight is missing")
-        n_layers = int(f("llama.block_count"))
+        n_layers = self._positive("llama.block_count")
         dim, vocab = int(emb.shape[0]), int(emb.shape[1])
-        n_heads = int(f("llama.attention.head_count"))
+        n_heads = self._positive("llama.attention.head_count")
+        if dim % n_heads:
+            raise ConversionError(f"{self.path}: metadata llama.attention.head_count={n_heads} does not divide the "
+                                  f"embedding width {dim}")
         k = self.tensors.get("blk.0.attn_k.weight")
         if k is None:
             raise ConversionError(f"{self.path}: tensor blk.0.attn_k.weight is missing")
-        head_dim = int(f("llama.rope.dimension_count", dim // n_heads))
+        head_dim = self._positive("llama.rope.dimension_count", dim // n_heads)
+        if int(k.shape[1]) % head_dim:
+            raise ConversionError(f"{self.path}: metadata llama.rope.dimension_count={head_dim} does not divide "
+                                  f"blk.0.attn_k.weight's {int(k.shape[1])} rows")
         n_kv = int(k.shape[1]) // head_dim
         for key, got in (("llama.embedding_length", dim), ("llama.vocab_size", vocab),
                          ("llama.attention.head_count_kv", n_kv)):

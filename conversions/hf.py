@@ -40,6 +40,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+# LlamaConfig field -> the config.json key it comes from, so errors name what the user can see in the file
+HF_FIELDS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+             "max_seq_len": "max_position_embeddings"}
+
+
+def _hf_names(message: str) -> str:
+    import re
+    return re.sub(r"\b(" + "|".join(HF_FIELDS) + r")\b", lambda m: HF_FIELDS[m.group(1)], message)
+
+
 def _open(path: str):
     from safetensors import safe_open
     try:
@@ -61,7 +72,8 @@ class HFSource(Source):
         try:
             self.config = LlamaConfig.from_hf_config(cfg_file)
         except ValueError as e:
-            raise ConversionError(f"{cfg_file}: {e}") from None
+            msg = _hf_names(str(e))
+            raise ConversionError(msg if msg.startswith(cfg_file) else f"{cfg_file}: {msg}") from None
         index = os.path.join(directory, "model.safetensors.index.json")
         single = os.path.join(directory, "model.safetensors")
         if os.path.isfile(index):

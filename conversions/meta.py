@@ -127,6 +127,10 @@ class MetaSource(Source):
         for field in ("dim", "n_layers", "n_heads"):
             if field not in p:
                 raise ConversionError(f"{pf}: missing field {field!r}")
+        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
+            v = p.get(field)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConversionError(f"{pf}: field {field!r} must be a positive integer, got {v!r}")
         first = self.shards[0]
 
         def shape(key):

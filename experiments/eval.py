@@ -132,15 +132,22 @@ def read_jsonl(path: str, on_bad_line: str = "skip", validate=None, flag: str = 
     reported on stderr as ``path:line: reason`` and skipped, or raises UsageError when ``on_bad_line="error"``.
     Blank lines are ignored."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as e:
         raise UsageError(f"{flag}: {path}: {e.strerror}") from None
     out = []
     with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = None
+                problem = f"not valid UTF-8 (byte {e.start + 1} of the line)"
+            if line is not None and not line.strip():
                 continue
             try:
+                if line is None:
+                    raise ValueError(problem)
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -221,10 +228,18 @@ def load_model(checkpoint_path: str | None, quant: str = "none", dtype=None):
     if tok_dir is None:
         raise UsageError(f"--checkpoint: {path}: no tokenizer/ directory in the checkpoint")
     try:
+        checkpoint.check_arrays(path)              # a missing chunk named before Orbax reads in threads
         model = quant_lib.load(path, quant=quant, dtype=dtype and jnp.dtype(dtype))
+        tokenizer = Tokenizer.from_file(tok_dir)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--checkpoint: {e}") from None
-    return model, Tokenizer.from_file(tok_dir)
+    except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
+        while e.__cause__ is not None:
+            e = e.__cause__
+        print(f"error: --checkpoint: {path}: damaged parameter array ({str(e).splitlines()[0][:300]})",
+              file=sys.stderr, flush=True)
+        os._exit(1)         # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
+    return model, tokenizer
 
 
 def run() -> int:

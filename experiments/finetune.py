@@ -14,6 +14,10 @@ with the same flags resumes), ``final/`` (the fine-tuned model, LoRA merged, as 
 directory with the tokenizer: it loads with ``llama_jax.checkpoint.load`` and exports with
 ``python -m conversions --source=orbax --target=hf``).
 
+Training data is untrusted text: special-token text typed in it (``<|eot_id|>``, ``<|im_end|>``) stays plain text and
+only the chat format writes special tokens (``--allow_special_in_data`` opts in for pre-formatted ``text``
+documents). A NaN/inf loss or gradient norm stops training naming the step; ``final/`` is then not written.
+
 Starting weights: ``--checkpoint`` (a llama-jax checkpoint), else ``--gguf`` converted once into
 ``--workdir/base`` (with ``python -m conversions --source=gguf`` when that converter is present, else through
 ``transformers``' GGUF reader, which dequantizes to float32 and already un-permutes q/k to the half-split layout).
@@ -60,11 +64,36 @@ flags.DEFINE_string("mesh", "", "device mesh, e.g. 'fsdp=4,tensor=2' (default: o
 flags.DEFINE_integer("save_every", 10, "checkpoint every N steps")
 flags.DEFINE_integer("keep", 2, "checkpoints kept")
 flags.DEFINE_integer("seed", 0, "data order and LoRA init")
+flags.DEFINE_bool("allow_special_in_data", False, "encode special-token text (e.g. '<|eot_id|>') in plain 'text' "
+                  "documents as special tokens (pre-formatted data); by default all data is plain text and only the "
+                  "chat format writes special tokens")
 
 
 def _fail(msg: str):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def _check_flags():
+    """Every numeric flag in its range (NaN and inf refused), and the paths, before anything is written."""
+    import math
+    at_least = {"seq_len": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "warmup": 0, "lora_rank": 0,
+                "save_every": 1, "keep": 1, "holdout_every": 2}
+    for name, low in at_least.items():
+        if FLAGS[name].value < low:
+            _fail(f"--{name} must be >= {low}, got {FLAGS[name].value}")
+    for name, positive in (("lr", True), ("lora_alpha", True), ("weight_decay", False), ("clip_norm", False)):
+        v = FLAGS[name].value
+        if not math.isfinite(v) or v < 0 or (positive and v == 0):
+            _fail(f"--{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v}")
+    if FLAGS.compute_dtype not in (None, "float32", "bfloat16", "float16"):
+        _fail(f"--compute_dtype={FLAGS.compute_dtype!r}: expected float32, bfloat16 or float16")
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+        _fail(f"--workdir: {FLAGS.workdir} exists and is not a directory")
+    if FLAGS.checkpoint and not os.path.isfile(os.path.join(FLAGS.checkpoint, "config.json")):
+        _fail(f"--checkpoint: {FLAGS.checkpoint}: not a llama-jax checkpoint directory (no config.json)")
+    if FLAGS.gguf and not os.path.isfile(FLAGS.gguf):
+        _fail(f"--gguf: {FLAGS.gguf}: no such file")
 
 
 def _gguf_to_checkpoint(gguf_path: str, out: str) -> str:
@@ -166,10 +195,11 @@ def main(argv):
 
     workdir = os.path.abspath(FLAGS.workdir)
     # ---- inputs, checked before anything heavy
+    _check_flags()
     try:
         docs = data.read_documents(FLAGS.data)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+    except (ValueError, OSError) as e:
+        _fail(f"--data: {e}")
     if FLAGS.holdout_every < 2 or len(docs) < 2:
         _fail(f"--holdout_every must be >= 2 and --data must hold >= 2 documents (got {len(docs)})")
     try:
@@ -183,12 +213,10 @@ def main(argv):
         _fail(f"flags: {e}")
     mesh = None
     if FLAGS.mesh:
-        if not hasattr(sharding_lib, "mesh_from_flag"):
-            _fail("--mesh needs llama_jax.sharding.mesh_from_flag")
         try:
-            mesh = sharding_lib.mesh_from_flag(FLAGS.mesh)
+            mesh = sharding_lib.parse_mesh(FLAGS.mesh)
         except ValueError as e:
-            _fail(f"--mesh: {e}")
+            _fail(f"--mesh={FLAGS.mesh}: {e}")
 
     os.makedirs(workdir, exist_ok=True)          # only once the inputs are known good
     # ---- model and tokenizer
@@ -199,7 +227,22 @@ def main(argv):
         from llama_jax import assets
         gguf = FLAGS.gguf or assets.smollm2_gguf_path()
         ckpt_dir = _gguf_to_checkpoint(gguf, os.path.join(workdir, "base"))
-    model = checkpoint.load(ckpt_dir, dtype=jnp.float32)
+    try:
+        checkpoint.check_arrays(ckpt_dir)
+        model = checkpoint.load(ckpt_dir, dtype=jnp.float32)
+    except (ValueError, OSError) as e:
+        _fail(f"--checkpoint: {e}")
+    except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
+        while e.__cause__ is not None:          # the innermost error names the file (TensorStore)
+            e = e.__cause__
+        print(f"error: --checkpoint: {ckpt_dir}: damaged parameter array ({str(e).splitlines()[0][:300]})",
+              file=sys.stderr, flush=True)
+        os._exit(2)         # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
+    if mesh is not None:
+        try:
+            sharding_lib.validate(model.config, mesh)
+        except ValueError as e:
+            _fail(f"--mesh={FLAGS.mesh}: {e}")
     tok_dir = checkpoint.tokenizer_dir(ckpt_dir)
     if tok_dir is None:
         _fail(f"{ckpt_dir}: the checkpoint has no tokenizer/ directory")
@@ -207,16 +250,10 @@ def main(argv):
     print(f"model {ckpt_dir}: {model.num_params() / 1e6:.1f}M parameters, loaded in {time.time() - t0:.1f}s")
 
     # ---- data: held-out documents never enter training
-    template = {"chatml": data.CHATML, "llama3": data.LLAMA3, "auto": data.CHATML}[FLAGS.chat_template]
-    dialog_fn = None
-    if FLAGS.chat_template == "auto" and all(t in tok.special_tokens for t in ("<|start_header_id|>", "<|eot_id|>")):
-        from llama_jax import chat
-        dialog_fn = chat.chat_format_for(tok).encode_dialog_for_training
-    encode = lambda s: tok.encode(s, allowed_special="all")
     held_docs = [d for i, d in enumerate(docs) if i % FLAGS.holdout_every == 0]
     train_docs = [d for i, d in enumerate(docs) if i % FLAGS.holdout_every != 0]
-    tokd = lambda ds: data.tokenize_documents(ds, encode, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                                              chat_template=template, encode_dialog_fn=dialog_fn)
+    def tokd(ds):   # untrusted text: only the chat format writes special tokens
+        return data.tokenize_for_training(ds, tok, FLAGS.chat_template, FLAGS.allow_special_in_data)
     try:
         train_rows = data.pack_documents(tokd(train_docs), FLAGS.seq_len)
         held_rows = data.pack_documents(tokd(held_docs), FLAGS.seq_len)
@@ -240,7 +277,11 @@ def main(argv):
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     t0 = time.time()
-    result = train.fit(trainer, loader, FLAGS.steps, checkpointer=ck, metrics_path=metrics_path, progress=True)
+    try:
+        result = train.fit(trainer, loader, FLAGS.steps, checkpointer=ck, metrics_path=metrics_path, progress=True)
+    except train.NonFiniteLossError as e:
+        ck.close()
+        _fail(f"{e}; training stopped, {os.path.join(workdir, 'final')} not written (try a lower --lr)")
     train_s = time.time() - t0
     ck.close()
     if result["interrupted"]:

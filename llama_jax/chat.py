@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 __all__ = [
     "BUILTIN_TOOLS", "ToolCall", "Message", "ChatFormat", "TemplateChatFormat", "chat_format_for",
     "system_preamble", "system_message", "load_tools", "parse_output", "normalize_tool_definition",
+    "validate_messages",
 ]
 
 # Built-in tools of Llama 3.1 (llama_models/datatypes.py BuiltinTool). photogen is rendered but not offered by
@@ -274,6 +275,24 @@ def _check_message(msg: Any, where: str) -> tuple[str, str, list[ToolCall]]:
     if calls and role != "assistant":
         raise ValueError(f"{where}: only assistant messages carry 'tool_calls' (role {role!r})")
     return role, _content_text(msg, where), calls
+
+
+def validate_messages(messages: Any, where: str = "messages") -> None:
+    """Checks a dialog the way every chat format encodes it; the one validator for generation and fine-tuning.
+
+    A dialog is a non-empty list of dicts with a ``role`` among system, user, assistant, tool, ipython, a ``content``
+    string (or text parts / JSON for tool results), and ``tool_calls`` only on assistant messages.
+
+    Raises:
+      ValueError naming ``where[i]`` and the bad field: not a list, an empty list, an unknown role, bad content or
+        tool calls.
+    """
+    if isinstance(messages, Mapping) or not isinstance(messages, Sequence) or isinstance(messages, str):
+        raise ValueError(f"{where}: must be a list of message dicts, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError(f"{where}: empty dialog (no message)")
+    for i, m in enumerate(messages):
+        _check_message(m, f"{where}[{i}]")
 
 
 def _py_str(v: str) -> str:

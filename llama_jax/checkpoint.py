@@ -227,6 +227,8 @@ def _read_meta(path) -> tuple[dict, str]:
     if version != FORMAT_VERSION:
         raise ValueError(f"{cfg_file}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
     dtype = d.pop("param_dtype", "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{cfg_file}: param_dtype {dtype!r} is not one of float32, bfloat16, float16")
     return d, dtype
 
 
@@ -427,3 +429,36 @@ def read_param(path: str | os.PathLike, name: str, layer: int | None = None) -> 
     if layer is not None:
         arr = arr[layer]
     return np.asarray(arr.read().result())
+
+
+def check_arrays(path: str | os.PathLike) -> None:
+    """Checks, before any read, that every parameter array of checkpoint ``path`` has a readable zarr ``.zarray``
+    and all of its chunk files (an interrupted copy or a deleted file otherwise surfaces as an Orbax traceback
+    from a background thread).
+
+    Raises:
+      FileNotFoundError: no ``params/`` directory, or a missing chunk file (named).
+      ValueError: a malformed ``.zarray`` (named).
+    """
+    params = os.path.join(os.fspath(path), PARAMS_DIR)
+    if not os.path.isdir(params):
+        raise FileNotFoundError(f"{params}: missing (not a llama-jax checkpoint, or an interrupted write)")
+    for name in sorted(os.listdir(params)):
+        zarray = os.path.join(params, name, ".zarray")
+        if not os.path.isfile(zarray):
+            continue
+        try:
+            with open(zarray) as f:
+                meta = json.load(f)
+            shape, chunks = [int(n) for n in meta["shape"]], [int(n) for n in meta["chunks"]]
+            sep = meta.get("dimension_separator", ".")
+            if len(shape) != len(chunks) or any(c < 1 for c in chunks) or sep not in (".", "/"):
+                raise ValueError("shape and chunks disagree")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{zarray}: malformed zarr array metadata ({e})") from None
+        grid = [-(-s // c) for s, c in zip(shape, chunks, strict=True)]
+        for index in np.ndindex(*grid) if grid else [()]:
+            key = sep.join(str(i) for i in index) if index else "0"
+            if not os.path.isfile(os.path.join(params, name, key)):
+                raise FileNotFoundError(f"{os.path.join(params, name, key)}: chunk file of parameter {name} is "
+                                        "missing (damaged or incomplete checkpoint)")

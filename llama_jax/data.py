@@ -55,19 +55,28 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
         raise FileNotFoundError(f"{path}: no such file")
     docs: list[Document] = []
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: line {lineno} is not valid JSON ({e.msg})") from None
                 docs.append(_document_from_json(obj, where))
     else:
-        with open(path, encoding="utf-8") as f:
-            docs.append(Document(text=f.read(), source=path))
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            docs.append(Document(text=raw.decode("utf-8"), source=path))
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start})") from None
     docs = [d for d in docs if (d.text if d.text is not None else d.messages)]
     if not docs:
         raise ValueError(f"{path}: empty dataset (no non-empty document)")
@@ -82,12 +91,15 @@ def _document_from_json(obj, where: str) -> Document:
             raise ValueError(f"{where}: 'text' must be a string")
         return Document(text=obj["text"], source=where)
     if "messages" in obj:
+        from llama_jax import chat
         msgs = obj["messages"]
         if not isinstance(msgs, list):
             raise ValueError(f"{where}: 'messages' must be a list")
         for i, m in enumerate(msgs):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+        if msgs:
+            chat.validate_messages(msgs, f"{where}: messages")     # the validator generation uses: same roles
         return Document(messages=tuple(dict(role=m["role"], content=m["content"]) for m in msgs), source=where)
     raise ValueError(f"{where}: expected a 'text' or 'messages' field, got {sorted(obj)}")
 
@@ -117,13 +129,16 @@ CHATML = ChatTemplate(prefix="", header="<|im_start|>{role}\n", footer="<|im_end
 
 
 def encode_dialog(messages: Sequence[Mapping[str, str]], encode: Callable[[str], Sequence[int]],
-                  template: ChatTemplate) -> tuple[np.ndarray, np.ndarray]:
+                  template: ChatTemplate,
+                  encode_content: Callable[[str], Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and loss weights of a dialog.
 
     Args:
       messages: [{"role": ..., "content": ...}, ...].
       encode: text -> token ids, parsing the template's special tokens (e.g. an HF ``tokenizers`` encode).
       template: the rendering.
+      encode_content: text -> token ids for message content (untrusted text: pass an encoder that keeps
+        special-token text plain, so only the template writes special tokens); None: ``encode``.
 
     Returns:
       (tokens int32 [n], weights float32 [n]) with weight 1 exactly on the tokens of the trained roles'
@@ -138,11 +153,21 @@ def encode_dialog(messages: Sequence[Mapping[str, str]], encode: Callable[[str],
             toks.extend(ids)
             wts.extend([weight] * len(ids))
 
+    def add_content(text: str, weight: float):
+        if encode_content is None:
+            add(text + template.footer, weight)
+        else:
+            if text:
+                ids = list(encode_content(text))
+                toks.extend(ids)
+                wts.extend([weight] * len(ids))
+            add(template.footer, weight)
+
     add(template.prefix, 0.0)
     for m in messages:
         trained = 1.0 if m["role"] in template.trained_roles else 0.0
         add(template.header.format(role=m["role"]), 0.0)
-        add(m["content"] + template.footer, trained)
+        add_content(m["content"], trained)
     return np.asarray(toks, np.int32), np.asarray(wts, np.float32)
 
 
@@ -150,12 +175,17 @@ def encode_dialog(messages: Sequence[Mapping[str, str]], encode: Callable[[str],
 def tokenize_documents(docs: Iterable[Document], encode: Callable[[str], Sequence[int]], *,
                        bos_id: int | None = None, eos_id: int | None = None,
                        chat_template: ChatTemplate | None = None,
-                       encode_dialog_fn: Callable | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                       encode_dialog_fn: Callable | None = None,
+                       encode_template: Callable[[str], Sequence[int]] | None = None,
+                       encode_content: Callable[[str], Sequence[int]] | None = None,
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Documents -> [(tokens int32 [n], weights float32 [n])].
 
     Plain text becomes ``[bos] + encode(text) + [eos]`` (bos/eos when given), every token weighted 1 (the bos is
     never a target anyway). A chat becomes :func:`encode_dialog` (or ``encode_dialog_fn(messages)`` when given,
-    returning the same pair).
+    returning the same pair). With ``encode_template`` the template's pieces are encoded by it (parsing special
+    tokens) and message content by ``encode`` (training data is untrusted text: only the template writes special
+    tokens) and message content by ``encode_content`` (default ``encode``); without it ``encode`` does both.
 
     Raises:
       ValueError: a chat document without ``chat_template`` / ``encode_dialog_fn`` (naming the source line), or
@@ -170,6 +200,9 @@ def tokenize_documents(docs: Iterable[Document], encode: Callable[[str], Sequenc
         else:
             if encode_dialog_fn is not None:
                 toks, w = encode_dialog_fn(d.messages)
+            elif chat_template is not None and encode_template is not None:
+                toks, w = encode_dialog(d.messages, encode_template, chat_template,
+                                        encode_content=encode_content or encode)
             elif chat_template is not None:
                 toks, w = encode_dialog(d.messages, encode, chat_template)
             else:
@@ -178,6 +211,36 @@ def tokenize_documents(docs: Iterable[Document], encode: Callable[[str], Sequenc
     if not any(len(t) > 1 and w[1:].sum() > 0 for t, w in out):
         raise ValueError("empty dataset: no document has a token to train on")
     return out
+
+
+def tokenize_for_training(docs: Iterable[Document], tokenizer, chat_template: str = "auto",
+                          allow_special_in_data: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`tokenize_documents` with a :class:`llama_jax.tokenizer.Tokenizer`, as ``experiments/finetune.py``
+    runs it.
+
+    Training data is untrusted text: ``"<|eot_id|>"`` or ``"<|im_end|>"`` typed in a document or a message is
+    encoded as plain text, and only the chat format writes special tokens (as generation does). With
+    ``allow_special_in_data`` the special-token text of plain ``"text"`` documents (pre-formatted data) becomes
+    special tokens; message content stays plain text either way.
+
+    Args:
+      chat_template: "auto" (Meta's Llama 3.1 format, :meth:`llama_jax.chat.ChatFormat.encode_dialog_for_training`,
+        for a Llama 3 vocabulary, else ChatML), "chatml" or "llama3" (:data:`CHATML` / :data:`LLAMA3`).
+    Raises: ValueError like :func:`tokenize_documents`, or for an unknown ``chat_template``.
+    """
+    templates = {"chatml": CHATML, "llama3": LLAMA3, "auto": CHATML}
+    if chat_template not in templates:
+        raise ValueError(f"chat_template={chat_template!r}; expected one of {sorted(templates)}")
+    dialog_fn = None
+    if chat_template == "auto" and all(t in tokenizer.special_tokens for t in ("<|start_header_id|>", "<|eot_id|>")):
+        from llama_jax import chat
+        dialog_fn = chat.chat_format_for(tokenizer).encode_dialog_for_training
+    text_special = "all" if allow_special_in_data else ()
+    return tokenize_documents(docs, lambda s: tokenizer.encode(s, allowed_special=text_special),
+                              bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, chat_template=templates[chat_template],
+                              encode_dialog_fn=dialog_fn,
+                              encode_template=lambda s: tokenizer.encode(s, allowed_special="all"),
+                              encode_content=tokenizer.encode)
 
 
 # ---------------------------------------------------------------------------------------------------- packing

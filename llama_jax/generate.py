@@ -14,8 +14,10 @@ with ``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason`` (and ``to
 Batch generation (``--output``): prompts are decoded ``--batch_size`` at a time with continuous refilling (a
 finished row takes the next prompt at once, :meth:`llama_jax.engine.Engine.generate_continuous`); each finished
 prompt is appended to the output as one JSON line (``id`` = ``line:N`` of the prompts file or ``prompt:i``,
-``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason``) and flushed, so a killed job restarted with the
-same flags skips the prompts already written (a last line cut short by the kill is dropped) and loses none. A tqdm
+``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason``, ``settings``: the flags that decide a completion)
+and flushed, so a killed job restarted with the same flags skips the prompts already written (a last line cut short
+by the kill is dropped) and loses none. An ``--output`` holding anything but this tool's records, the prompts file
+itself, or records made with other settings is refused and left untouched. A tqdm
 bar shows prompts and tokens/s; the throughput is printed at the end. Malformed prompt lines exit 1 naming
 ``file:line`` unless ``--on_bad_line=skip`` (reported and skipped). ``--quant=int8`` loads int8 weights
 (:mod:`llama_jax.quant`).
@@ -73,6 +75,10 @@ class UsageError(ValueError):
     """Bad input from the command line; the message names the flag or file."""
 
 
+class DamagedCheckpointError(UsageError):
+    """A parameter array could not be read; Orbax may still have reads in flight on other threads."""
+
+
 def read_prompts_file(path: str, on_bad_line: str = "error") -> list[Any]:
     """Prompts from JSONL: each line {"prompt": str} or {"messages": [...]}; errors name the line number."""
     return [p for _, p in read_prompts_records(path, on_bad_line)]
@@ -85,16 +91,22 @@ def read_prompts_records(path: str, on_bad_line: str = "error") -> list[tuple[in
     naming ``path:line`` when ``on_bad_line == "error"``; with "skip" it is reported on stderr the same way and
     skipped.
     """
+    from llama_jax import chat as chat_lib
     prompts = []
     try:
-        f = open(path, encoding="utf-8")
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
     except OSError as e:
         raise UsageError(f"--prompts_file: {path}: {e.strerror}") from None
-    with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            problem = None
+    for number, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue
+        problem = None
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problem = f"not valid UTF-8 (byte {e.start + 1} of the line)"
+        if problem is None:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -103,25 +115,44 @@ def read_prompts_records(path: str, on_bad_line: str = "error") -> list[tuple[in
                 if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"]:
                     prompts.append((number, obj["prompt"]))
                 elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                    prompts.append((number, obj["messages"]))
+                    try:
+                        chat_lib.validate_messages(obj["messages"])
+                    except ValueError as e:
+                        problem = str(e)
+                    else:
+                        prompts.append((number, obj["messages"]))
                 else:
                     problem = 'expected {"prompt": non-empty str} or {"messages": list}'
-            if problem:
-                msg = f"--prompts_file: {path}:{number}: {problem}"
-                if on_bad_line != "skip":
-                    raise UsageError(msg + " (pass --on_bad_line=skip to skip bad lines)")
-                print(f"warning: {msg}; line skipped", file=sys.stderr)
+        if problem:
+            msg = f"--prompts_file: {path}:{number}: {problem}"
+            if on_bad_line != "skip":
+                raise UsageError(msg + " (pass --on_bad_line=skip to skip bad lines)")
+            print(f"warning: {msg}; line skipped", file=sys.stderr)
+    if not prompts:
+        raise UsageError(f"--prompts_file: {path}: holds no prompts (every line is blank"
+                         f"{' or skipped' if on_bad_line == 'skip' else ''})")
     return prompts
 
 
-def encode_prompts(prompts, tokenizer, *, chat: bool, system: str | None, tools, date) -> list[list[int]]:
-    """Token ids of each prompt: raw text (with BOS), or a chat dialog in the tokenizer's chat format."""
+def encode_prompts(prompts, tokenizer, *, chat: bool, system: str | None, tools, date,
+                   names: list[str] | None = None) -> list[list[int]]:
+    """Token ids of each prompt: raw text (with BOS), or a chat dialog in the tokenizer's chat format.
+
+    ``names[i]`` is how an error names prompt i (default ``--prompt: prompt i``). Raises UsageError for an empty
+    prompt, ValueError (naming the prompt and the message) for a bad dialog.
+    """
     from llama_jax import chat as chat_lib
     out = []
     fmt = chat_lib.chat_format_for(tokenizer) if chat or any(not isinstance(p, str) for p in prompts) else None
     for i, p in enumerate(prompts):
+        name = names[i] if names else f"--prompt: prompt {i}"
         if isinstance(p, str) and not p:
-            raise UsageError(f"--prompt: prompt {i} is empty")
+            raise UsageError(f"{name} is empty")
+        if not isinstance(p, str):
+            try:
+                chat_lib.validate_messages(p)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         if fmt is None:
             out.append(tokenizer.encode(p, bos=tokenizer.bos_id is not None))
             continue
@@ -139,6 +170,20 @@ def encode_prompts(prompts, tokenizer, *, chat: bool, system: str | None, tools,
     return out
 
 
+def root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception of ``e``'s cause chain (e.g. TensorStore naming the file)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
+def _where(key: str, i: int) -> str:
+    """How an error names prompt ``i``: ``--prompts_file: FILE:LINE`` or ``--prompt: prompt i``."""
+    if key.startswith("line:"):
+        return f"--prompts_file: {FLAGS.prompts_file}:{key[5:]}"
+    return f"--prompt: prompt {i}"
+
+
 def _validate_flags():
     from llama_jax import sampling
     try:
@@ -149,8 +194,33 @@ def _validate_flags():
         raise UsageError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
     if FLAGS.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    if FLAGS.top_k >= 2**31:
+        raise UsageError(f"--top_k={FLAGS.top_k} is larger than any vocabulary")
+    if FLAGS.steps_per_dispatch < 1:
+        raise UsageError(f"--steps_per_dispatch must be >= 1, got {FLAGS.steps_per_dispatch}")
+    if FLAGS.max_length is not None and FLAGS.max_length < 2:
+        raise UsageError(f"--max_length must be >= 2 (a prompt token and a new one), got {FLAGS.max_length}")
+    for s in FLAGS.stop:
+        if not s:
+            raise UsageError("--stop: an empty stop string would end every generation at once")
+    if FLAGS.date is not None:
+        try:
+            datetime.date.fromisoformat(FLAGS.date)
+        except ValueError:
+            raise UsageError(f"--date={FLAGS.date!r}: not a date of the form YYYY-MM-DD") from None
     if not FLAGS.prompt and not FLAGS.prompts_file:
         raise UsageError("--prompt or --prompts_file is required")
+    if FLAGS.output:
+        out = FLAGS.output
+        if FLAGS.prompts_file and os.path.exists(out) and _same_file(out, FLAGS.prompts_file):
+            raise UsageError(f"--output: {out} is the --prompts_file itself; give another output file")
+        if os.path.isdir(out):
+            raise UsageError(f"--output: {out}: is a directory, not a file")
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--output: {out}: directory {parent} does not exist")
+        if not os.access(out if os.path.exists(out) else parent, os.W_OK):
+            raise UsageError(f"--output: {out}: not writable")
 
 
 def run_generation() -> int:
@@ -168,18 +238,26 @@ def run_generation() -> int:
         for number, p in read_prompts_records(FLAGS.prompts_file, FLAGS.on_bad_line):
             prompts.append(p)
             keys.append(f"line:{number}")
-    done_ids = read_output(FLAGS.output, keys, prompts) if FLAGS.output else {}
+    done_ids = read_output(FLAGS.output, keys, prompts, output_settings()) if FLAGS.output else {}
     path = FLAGS.checkpoint or default_checkpoint(quiet=FLAGS.json)
     if not os.path.isdir(path):
         raise UsageError(f"--checkpoint: {path}: no such directory")
     tok_dir = checkpoint.tokenizer_dir(path)
     if tok_dir is None:
         raise UsageError(f"--checkpoint: {path}: no tokenizer/ directory in the checkpoint")
-    tokenizer = Tokenizer.from_file(tok_dir)
+    try:
+        tokenizer = Tokenizer.from_file(tok_dir)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--checkpoint: {tok_dir}: cannot read the tokenizer ({e})") from None
     tools = chat_lib.load_tools(FLAGS.tools) if FLAGS.tools else None
     date = datetime.date.fromisoformat(FLAGS.date) if FLAGS.date else None
-    token_prompts = encode_prompts(prompts, tokenizer, chat=FLAGS.chat or bool(tools), system=FLAGS.system,
-                                   tools=tools, date=date)
+    try:
+        token_prompts = encode_prompts(prompts, tokenizer, chat=FLAGS.chat or bool(tools), system=FLAGS.system,
+                                       tools=tools, date=date, names=[_where(k, i) for i, k in enumerate(keys)])
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     mesh = None
     if FLAGS.mesh:
@@ -190,19 +268,32 @@ def run_generation() -> int:
             raise UsageError(f"--mesh: {e}") from None
     try:
         from llama_jax import quant
+        checkpoint.check_arrays(path)
         model = quant.load(path, quant=FLAGS.quant, dtype=FLAGS.dtype and jnp.dtype(FLAGS.dtype), mesh=mesh)
     except (FileNotFoundError, ValueError) as e:
+        if "tensorstore" in str(e).lower() or e.__cause__ is not None:
+            raise DamagedCheckpointError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") \
+                from None
         raise UsageError(f"--checkpoint: {e}") from None
-    max_length = min(FLAGS.max_length or model.config.max_seq_len, model.config.max_seq_len)
+    except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a missing or truncated chunk)
+        raise DamagedCheckpointError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
+    if FLAGS.top_k > model.config.vocab_size:
+        raise UsageError(f"--top_k={FLAGS.top_k} is larger than the vocabulary ({model.config.vocab_size} tokens)")
+    max_length = model.config.max_seq_len if FLAGS.max_length is None else min(FLAGS.max_length,
+                                                                                 model.config.max_seq_len)
     room = max_length - FLAGS.max_new_tokens
+    if room < 1 and not FLAGS.truncate:
+        raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in "
+                         f"--max_length={max_length}")
     for i, ids in enumerate(token_prompts):
         if len(ids) > room:
             if not FLAGS.truncate:
-                raise UsageError(f"--prompt: prompt {i} has {len(ids)} tokens; with --max_new_tokens="
+                raise UsageError(f"{_where(keys[i], i)} has {len(ids)} tokens; with --max_new_tokens="
                                  f"{FLAGS.max_new_tokens} at most {max(room, 0)} fit in the context of {max_length} "
                                  "(pass --truncate to keep only its end)")
             if room < 1:
-                raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room in the context of {max_length}")
+                raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room in the context of "
+                                 f"{max_length}")
             token_prompts[i] = ids[-room:]
 
     engine = Engine(model, max_length=max_length, mesh=mesh)
@@ -234,45 +325,90 @@ def run_generation() -> int:
     return 0
 
 
-def read_output(path: str, ids: list[str], prompts: list[Any]) -> set[str]:
+_RECORD_START = b'{"id": "'          # how every record this tool writes begins (json.dumps, "id" first)
+
+
+def output_settings() -> dict:
+    """The flags that decide a completion, stored in every ``--output`` record: resuming with other values would
+    silently mix completions made with different settings (refused by :func:`read_output`)."""
+    return {"max_new_tokens": FLAGS.max_new_tokens, "temperature": FLAGS.temperature, "top_k": FLAGS.top_k,
+            "top_p": FLAGS.top_p, "min_p": FLAGS.min_p, "seed": FLAGS.seed, "chat": FLAGS.chat,
+            "system": FLAGS.system, "tools": FLAGS.tools, "date": FLAGS.date, "stop": list(FLAGS.stop),
+            "max_length": FLAGS.max_length, "truncate": FLAGS.truncate, "dtype": FLAGS.dtype, "quant": FLAGS.quant}
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def read_output(path: str, ids: list[str], prompts: list[Any], settings: dict | None = None) -> set[str]:
     """Ids of prompts already written to ``--output`` (for resuming).
 
-    A last line cut short by a kill (no trailing newline, not valid JSON) is removed from the file with a
-    warning; any other malformed line, or a record whose prompt differs from the input's, raises UsageError
-    naming ``path:line``.
+    The file must hold only records this tool wrote (JSON objects with ``id``, ``prompt`` and ``tokens``): any
+    other line raises UsageError naming ``path:line`` and the file is left untouched. Only then is a last line cut
+    short by a kill (no trailing newline, beginning as this tool's records begin) removed, with a warning. A record
+    whose prompt differs from the input's, or whose ``settings`` differ from ``settings``, raises UsageError naming
+    ``path:line`` (and the settings that differ).
     """
+    if os.path.isdir(path):
+        raise UsageError(f"--output: {path}: is a directory, not a file")
     if not os.path.exists(path):
         return set()
-    by_id = dict(zip(ids, prompts))
-    with open(path, "rb") as f:
-        data = f.read()
+    by_id = dict(zip(ids, prompts, strict=True))
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"--output: {path}: cannot read ({e.strerror})") from None
+    torn = b""
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
-        print(f"warning: --output: {path}: removing an incomplete last line (interrupted write)", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
+        data, torn = data[:cut], data[cut:]
     done = set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
+    for number, raw in enumerate(data.split(b"\n")[:-1] if data else [], 1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(raw.decode("utf-8"))
             key = rec["id"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UsageError(f"--output: {path}:{number}: not a record written by this tool") from None
+            if not isinstance(key, str) or "prompt" not in rec or "tokens" not in rec:
+                raise KeyError("id")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"--output: {path}:{number}: not a record written by this tool; refusing to touch "
+                             "the file (give a new --output)") from None
         if key in by_id and rec.get("prompt") != by_id[key]:
             raise UsageError(f"--output: {path}:{number}: record {key} is for a different prompt than the input; "
                              "use a new --output file")
+        if settings is not None and "settings" in rec and rec["settings"] != settings:
+            theirs = rec["settings"] if isinstance(rec["settings"], dict) else {}
+            diff = ", ".join(f"--{k}={theirs.get(k)!r} there, {v!r} now" for k, v in settings.items()
+                             if theirs.get(k) != v)
+            raise UsageError(f"--output: {path}:{number}: record {key} was made with other settings ({diff}); "
+                             "rerun with the same flags or use a new --output file")
         done.add(key)
+    if torn:
+        if not torn.startswith(_RECORD_START):
+            raise UsageError(f"--output: {path}: the last line is not a record written by this tool; refusing to "
+                             "touch the file (give a new --output)")
+        print(f"warning: --output: {path}: removing an incomplete last line (interrupted write)", file=sys.stderr)
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(len(data))
+        except OSError as e:
+            raise UsageError(f"--output: {path}: cannot write ({e.strerror})") from None
     return done
 
 
 def _batch_to_file(engine, token_prompts, prompts, ids, done_ids, tokenizer, tools) -> int:
-    """Generates the prompts not yet in --output with continuous refilling, appending one JSON line each."""
-    import time
+    """Generates the prompts not yet in --output with continuous refilling, appending one JSON line each.
 
-    from tqdm import tqdm
+    A write error (full disk, read-only mount) raises UsageError naming --output; an output file this run created
+    and never wrote to is removed.
+    """
+    import time
 
     from llama_jax import chat as chat_lib
     todo = [i for i in range(len(prompts)) if ids[i] not in done_ids]
@@ -280,10 +416,29 @@ def _batch_to_file(engine, token_prompts, prompts, ids, done_ids, tokenizer, too
         print(f"{FLAGS.output}: {len(prompts) - len(todo)} of {len(prompts)} prompts already done; resuming",
               file=sys.stderr)
     fmt = chat_lib.chat_format_for(tokenizer)
-    generated = 0
     start = time.perf_counter()
-    with open(FLAGS.output, "a", encoding="utf-8") as out, \
-            tqdm(total=len(todo), unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+    created = not os.path.exists(FLAGS.output)
+    try:
+        with open(FLAGS.output, "a", encoding="utf-8") as out:
+            generated = _write_records(engine, out, todo, token_prompts, prompts, ids, tokenizer, tools, fmt, start)
+    except OSError as e:
+        if created and os.path.isfile(FLAGS.output) and os.path.getsize(FLAGS.output) == 0:
+            os.remove(FLAGS.output)                     # ours, and empty: leave nothing behind
+        raise UsageError(f"--output: {FLAGS.output}: cannot write ({e.strerror or e})") from None
+    elapsed = time.perf_counter() - start
+    print(f"throughput: {generated} tokens for {len(todo)} prompts in {elapsed:.1f} s = "
+          f"{generated / max(elapsed, 1e-9):.1f} tokens/s (batch {FLAGS.batch_size})", file=sys.stderr)
+    return 0
+
+
+def _write_records(engine, out, todo, token_prompts, prompts, ids, tokenizer, tools, fmt, start) -> int:
+    """Appends one flushed JSON line per finished prompt to ``out``; returns the number of tokens generated."""
+    import time
+
+    from tqdm import tqdm
+    settings = output_settings()
+    generated = 0
+    with tqdm(total=len(todo), unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
         it = engine.generate_continuous(
             [token_prompts[i] for i in todo], batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
             temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
@@ -295,15 +450,13 @@ def _batch_to_file(engine, token_prompts, prompts, ids, done_ids, tokenizer, too
                       "logprobs": c.logprobs, "finish_reason": c.finish_reason}
             if tools is not None:
                 record["tool_calls"] = [t.to_dict() for t in fmt.parse_output(c.text).tool_calls]
+            record["settings"] = settings
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()                                    # one whole line per finished prompt: resumable
             generated += len(c.tokens)
             bar.update(1)
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}")
-    elapsed = time.perf_counter() - start
-    print(f"throughput: {generated} tokens for {len(todo)} prompts in {elapsed:.1f} s = "
-          f"{generated / max(elapsed, 1e-9):.1f} tokens/s (batch {FLAGS.batch_size})", file=sys.stderr)
-    return 0
+    return generated
 
 
 def _stream_to_terminal(engine, batch, **settings):
@@ -340,7 +493,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         return run_generation()
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except DamagedCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)         # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
+    except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -221,14 +221,27 @@ def _flags():
     return flags.FLAGS
 
 
+MAX_PLAN_DEVICES = 1024   # one fake CPU device per mesh position; XLA:CPU refuses meshes of 4096 (tried)
+PLAN_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def main(argv):
     FLAGS = _flags_holder[0]
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     try:
         sizes = S.parse_mesh_sizes(FLAGS.mesh)
+        if math.prod(sizes.values()) > MAX_PLAN_DEVICES:
+            raise ValueError(f"--mesh={FLAGS.mesh} describes {math.prod(sizes.values())} devices; the planner "
+                             f"describes at most {MAX_PLAN_DEVICES} (plan one slice: memory per device depends on "
+                             "the shards, not on how many copies of the slice run)")
         config = get_preset(FLAGS.model)
+        if FLAGS.dtype not in PLAN_DTYPES:
+            raise ValueError(f"--dtype={FLAGS.dtype!r}: expected one of {', '.join(PLAN_DTYPES)}")
         dtype = jnp.dtype(FLAGS.dtype)
+        for name in ("batch", "max_length", "prefill_length", "train_length"):
+            if FLAGS[name].value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}")
         if not 0 < FLAGS.usable_fraction <= 1:
             raise ValueError(f"--usable_fraction must be in (0, 1], got {FLAGS.usable_fraction}")
     except (ValueError, TypeError) as e:
@@ -252,6 +265,10 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:
+        print(f"error: --mesh={FLAGS.mesh}: XLA cannot plan on this mesh ({str(e).splitlines()[0][:200]})",
+              file=sys.stderr)
+        return 2
     title = (f"{FLAGS.model} dtype={dtype.name} quant={FLAGS.quant} mesh={FLAGS.mesh} batch={FLAGS.batch} "
              f"max_length={FLAGS.max_length} ({config.num_params() / 1e9:.1f}B parameters; "
              f"arithmetic params/device {expected_param_bytes(config, mesh, dtype) / GB:.2f} GB"
@@ -266,9 +283,15 @@ def main(argv):
                   "programs": [dict(dataclasses.asdict(p), total=p.total) for p in progs],
                   "fits": {d: peak <= cap * GB * FLAGS.usable_fraction for d, cap in DEVICES.items()}}
         tmp = FLAGS.json_out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, FLAGS.json_out)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(tmp, FLAGS.json_out)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            print(f"error: --json_out: {FLAGS.json_out}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 2
     return 0
 
 

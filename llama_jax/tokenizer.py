@@ -420,8 +420,13 @@ class Tokenizer:
         extras_path = os.path.join(d, EXTRAS_FILE)
         extras = None
         if os.path.exists(extras_path):
-            with open(extras_path, encoding="utf-8") as f:
-                extras = json.load(f)
+            try:
+                with open(extras_path, encoding="utf-8") as f:
+                    extras = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{extras_path}: not valid JSON ({e})") from None
+            if not isinstance(extras, dict):
+                raise ValueError(f"{extras_path}: expected a JSON object, got {type(extras).__name__}")
         tj, tm = os.path.join(d, "tokenizer.json"), os.path.join(d, "tokenizer.model")
         want = extras.get("kind") if extras else None
         if want == "hf" or (want is None and os.path.exists(tj)):

@@ -480,6 +480,10 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
+    def reload(self) -> None:
+        """Re-reads the list of checkpoints on disk (after one was moved aside)."""
+        self.manager.reload()
+
     def restore(self, step: int, target_state) -> tuple[Any, dict]:
         """Restores ``step`` into arrays shaped (and sharded) like ``target_state``; returns (state, meta)."""
         ocp = self._ocp
@@ -548,6 +552,44 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or inf; the message names the step. Nothing of that step was saved."""
+
+
+def _restore_newest_intact(checkpointer: Checkpointer, target_state):
+    """(step, state, meta) of the newest checkpoint that restores, or None when there is none.
+
+    A damaged checkpoint (a truncated array chunk, an emptied ``_METADATA``, ...) is reported on stderr naming its
+    directory and moved aside into ``DIR/damaged/STEP`` (it was written by this trainer, so it is not deleted), so
+    that the step is redone and saved again. A checkpoint of another model shape is not damage: its ValueError
+    from :meth:`Checkpointer.restore` propagates.
+    """
+    import shutil
+    import sys
+    for step in sorted(checkpointer.manager.all_steps() or (), reverse=True):
+        where = os.path.join(checkpointer.directory, str(step))
+        try:
+            state, meta = checkpointer.restore(step, target_state)
+            if not isinstance(meta.get("data"), Mapping):
+                raise ValueError("its meta item has no data position")
+            return step, state, meta
+        except ValueError as e:
+            if "different model" in str(e) or "model expects" in str(e):
+                raise
+            err = e
+        except Exception as e:  # noqa: BLE001 - tensorstore / JSON / Orbax errors of a damaged checkpoint
+            err = e
+        aside = os.path.join(checkpointer.directory, "damaged", str(step))
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        if os.path.lexists(aside):
+            shutil.rmtree(aside, ignore_errors=True)
+        os.rename(where, aside)
+        print(f"warning: checkpoint {where} is damaged ({type(err).__name__}: {str(err)[:200]}); moved to {aside}, "
+              "resuming from the next newest intact checkpoint", file=sys.stderr)
+        checkpointer.reload()
+    return None
+
+
 class _SigTerm:
     def __init__(self):
         self.received = False
@@ -584,10 +626,11 @@ def fit(trainer: Trainer, loader, steps: int, *, checkpointer: Checkpointer | No
     """
     resumed = None
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        resumed = checkpointer.latest_step()
-        state, meta = checkpointer.restore(resumed, trainer.state)
-        trainer.state = state
-        loader.restore(meta["data"])
+        found = _restore_newest_intact(checkpointer, trainer.state)
+        if found is not None:
+            resumed, state, meta = found
+            trainer.state = state
+            loader.restore(meta["data"])
     if metrics_path:
         _truncate_metrics(metrics_path, trainer.step_count())
     start = trainer.step_count()
@@ -608,6 +651,9 @@ def fit(trainer: Trainer, loader, steps: int, *, checkpointer: Checkpointer | No
                 batch = loader.next()
                 m = trainer.train_step(batch)
                 step = trainer.step_count()
+                for key in ("loss", "grad_norm"):      # a non-finite gradient makes the next weights NaN
+                    if key in m and not np.isfinite(m[key]):
+                        raise NonFiniteLossError(f"step {step}: the training {key.replace('_', ' ')} is {m[key]}")
                 record = {"step": step, **m}
                 if eval_fn is not None and eval_every and step % eval_every == 0:
                     record.update(eval_fn())

@@ -60,7 +60,7 @@ def test_smollm2_gguf_logits_match_transformers(tmp_path):
     assert exceeds_tolerance(np.asarray(model(tokens)), ref, cfg.dim, cfg.n_layers), "rope_theta * 1.01"
 
 
-def _tiny_gguf(path, qtype_name="Q8_0", d=64, rope_freqs=None):
+def _tiny_gguf(path, qtype_name="Q8_0", d=64, rope_freqs=None, head_count=None, rope_dimension_count=None):
     """A 1-layer Llama GGUF whose weight matrices are of type ``qtype_name``: quantized from random floats where
     the gguf package can quantize, else random bytes of the right block size. Returns {name: float source}."""
     import gguf
@@ -70,7 +70,9 @@ def _tiny_gguf(path, qtype_name="Q8_0", d=64, rope_freqs=None):
     w.add_context_length(256)
     w.add_embedding_length(d)
     w.add_feed_forward_length(f)
-    w.add_head_count(n)
+    w.add_head_count(n if head_count is None else head_count)
+    if rope_dimension_count is not None:
+        w.add_rope_dimension_count(rope_dimension_count)
     w.add_head_count_kv(k)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
