@@ -271,3 +271,23 @@ def test_smollm2_int8_cache_greedy_equals_float(smollm2, smollm2_checkpoint):
         print(f"int8 cache diverged at step {step}: float top-2 gap {gap:.4f}")
         assert gap < 0.05, f"diverged at step {step} without a near tie (float top-2 logit gap {gap})"
 
+
+
+# ------------------------------------------------------------------------------------------- planner
+def test_planned_prefill_temporaries_do_not_grow_with_the_cache():
+    """The planner compiles the blockwise path: prefill temporaries at 32768 slots are those at 4096 (the dense
+    einsum form's grow with chunk x S, checked too so the comparison can fail)."""
+    from llama_jax import plan, sharding
+
+    config = tiny_config(dim=128, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=32768)
+    mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+
+    def prefill_temp(s, impl=None):
+        progs = plan.plan(config, mesh, "float32", max_length=s, prefill_length=512, log=lambda *_: None,
+                          attention_impl=impl)
+        return progs[0].temp
+
+    small, large = prefill_temp(4096), prefill_temp(32768)
+    assert large <= 1.25 * small, (small, large)
+    dense_small, dense_large = prefill_temp(4096, "reference"), prefill_temp(32768, "reference")
+    assert dense_large > 4 * dense_small and dense_large > 4 * large, (dense_small, dense_large, large)
