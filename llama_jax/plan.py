@@ -24,7 +24,8 @@ Caveats: temporaries come from the XLA:CPU compiler, so on GPU/TPU they are an e
 the blockwise path of ``llama_jax.attention`` (online softmax over key blocks: O(prefill_length x block) score
 memory per layer, independent of max_length; ``attention_impl="reference"`` plans the dense einsum form instead);
 the parameter and cache bytes are exact. XLA:CPU has no bfloat16 matmul and would convert whole stacked bf16
-weights to float32 (hoisted out of the layer loop), so bf16 is lowered as float16 (same bytes per element); XLA:CPU still upcasts one layer's weights and the output head to
+weights to float32 (hoisted out of the layer loop), so bf16 is lowered as float16 (same bytes per element); XLA:CPU
+still upcasts one layer's weights and the output head to
 float32 inside the loop, which keeps the temporaries conservative (by about 3 GB per device for 405B on 8 devices).
 """
 
