@@ -36,6 +36,9 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("blockwise", "cudnn", "reference", "xla")
 #: Default key block (and query block in self-attention): score tiles of 512 x 512 per head.
 DEFAULT_BLOCK = 512
+#: Default key block of decode-sized query chunks (T <= 16): fewer, larger blocks (the loop's per-iteration cost
+#: dominates a 1-query tile; measured on XLA:CPU, a 32K-slot decode read is ~2.5x faster with 2048 than 512).
+DECODE_BLOCK = 2048
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -225,7 +228,7 @@ def choose_implementation(q_dtype, kv_dtype) -> str:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, cached: bool,
            segment_ids: jax.Array | None = None, k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
-           layer=None, implementation: str | None = None, block_size: int = DEFAULT_BLOCK) -> jax.Array:
+           layer=None, implementation: str | None = None, block_size: int | None = None) -> jax.Array:
     """Grouped-query causal attention: the one attention function of prefill, decode and training.
 
     Args:
@@ -241,7 +244,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, 
       k_scale, v_scale: float32 [(L,) B, S, K] dequantization scales of an int8 cache (one per token and KV head).
       layer: see k, v.
       implementation: "blockwise" (or "xla"), "cudnn", "reference", or None (:func:`choose_implementation`).
-      block_size: key block C of the blockwise path (and query block of self-attention).
+      block_size: key block C of the blockwise path (and query block of self-attention); default
+        ``DECODE_BLOCK`` for cached chunks of T <= 16 queries, else ``DEFAULT_BLOCK``.
 
     Returns:
       [B, T, N, H] in q's dtype.
@@ -255,6 +259,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, 
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
     if cached and segment_ids is not None:
         raise ValueError("segment_ids apply to self-attention only (cached=False)")
+    if block_size is None:
+        block_size = DECODE_BLOCK if cached and q.shape[1] <= 16 else DEFAULT_BLOCK
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
     if implementation in ("blockwise", "xla"):
         if cached:
             return _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block_size)

@@ -143,7 +143,7 @@ class Attention(nnx.Module):
         v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dtype))             # [B, T, K, H]
         q = apply_rope(q, positions, self.config)
         k = apply_rope(k, positions, self.config)
-        block = attention_block or attention.DEFAULT_BLOCK
+        block = attention_block
         if kv is None:
             out = attention.attend(q, k, v, positions, cached=False, segment_ids=segment_ids,
                                    implementation=attention_impl, block_size=block)
@@ -221,7 +221,7 @@ class Llama(nnx.Module):
       dtype: compute (activation) dtype; default ``param_dtype``.
       attention_impl: see :func:`llama_jax.attention.attend` (None: cuDNN on GPU where it fits, else the
         blockwise XLA path; "reference": the dense einsum oracle).
-      attention_block: key block of the blockwise attention (default ``llama_jax.attention.DEFAULT_BLOCK``).
+      attention_block: key block of the blockwise attention (default: ``llama_jax.attention.attend``'s choice).
       remat: rematerialisation of each scanned decoder layer in the backward pass: None (store everything),
         "full" (recompute the whole layer), or "dots" (save matmul outputs, recompute the rest;
         ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
