@@ -291,3 +291,14 @@ def test_planned_prefill_temporaries_do_not_grow_with_the_cache():
     assert large <= 1.25 * small, (small, large)
     dense_small, dense_large = prefill_temp(4096, "reference"), prefill_temp(32768, "reference")
     assert dense_large > 4 * dense_small and dense_large > 4 * large, (dense_small, dense_large, large)
+
+
+def test_int8_cache_continuous_batching_equals_each_alone():
+    """Insert and grow carry the int8 scales: refilled rows give the tokens of each prompt generated alone."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (5, 30, 12)]
+    engine = Engine(_model(block=16), chunk_size=16, kv_dtype="int8")
+    got = dict(engine.generate_continuous(prompts, batch_size=2, max_new_tokens=5))
+    for i, p in enumerate(prompts):
+        (alone,) = engine.generate([p], max_new_tokens=5)
+        assert got[i].tokens == alone.tokens, i
