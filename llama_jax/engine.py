@@ -148,8 +148,8 @@ def _insert_row(ds: DecodeState, row: jax.Array, cache: KVCache, logits: jax.Arr
     """Puts a prefilled 1-row ``cache`` (its float32 ``logits`` [1, V] at the last prompt token) into row ``row``
     of ``ds``: K/V of every layer and the length are copied, the row's outputs and settings reset, and its first
     token sampled (other rows unchanged)."""
-    k = ds.cache.k.at[:, row].set(cache.k[:, 0].astype(ds.cache.k.dtype))             # [L, B, S, K, H]
-    v = ds.cache.v.at[:, row].set(cache.v[:, 0].astype(ds.cache.v.dtype))
+    slots = {name: getattr(ds.cache, name).at[:, row].set(getattr(cache, name)[:, 0].astype(
+        getattr(ds.cache, name).dtype)) for name in _SLOT_ARRAYS if getattr(ds.cache, name) is not None}
     lengths = ds.cache.lengths.at[row].set(cache.lengths[0])
     one = DecodeState(
         cache=cache, last_token=jnp.zeros((1,), jnp.int32),
@@ -160,12 +160,16 @@ def _insert_row(ds: DecodeState, row: jax.Array, cache: KVCache, logits: jax.Arr
     one = _emit(one, logits, mode)
     put = lambda full, part: full.at[row].set(part[0])                                  # noqa: E731
     return ds.replace(
-        cache=ds.cache.replace(k=k, v=v, lengths=lengths), last_token=put(ds.last_token, one.last_token),
+        cache=ds.cache.replace(lengths=lengths, **slots), last_token=put(ds.last_token, one.last_token),
         tokens=put(ds.tokens, one.tokens), logprobs=put(ds.logprobs, one.logprobs),
         num_generated=put(ds.num_generated, one.num_generated), done=put(ds.done, one.done),
         max_new=put(ds.max_new, one.max_new), temperature=put(ds.temperature, one.temperature),
         top_k=put(ds.top_k, one.top_k), top_p=put(ds.top_p, one.top_p), min_p=put(ds.min_p, one.min_p),
         key=one.key)
+
+
+#: KVCache fields with a slot axis (axis 2): K/V [L, B, S, K, H] and the int8 scales [L, B, S, K].
+_SLOT_ARRAYS = ("k", "v", "k_scale", "v_scale")
 
 
 class Engine:
@@ -181,11 +185,22 @@ class Engine:
       mesh: the device mesh the model is sharded over; caches are then created directly in their shards
         (``llama_jax.sharding.init_cache_sharded``: batch over data/fsdp, KV heads over tensor).
       rules: logical-axis rules for the cache (default ``llama_jax.sharding.DEFAULT_RULES``).
+      kv_dtype: KV-cache storage dtype (``llama_jax.kv_cache.KV_DTYPES``); default the model's compute dtype.
+        "int8" stores int8 K/V with one float32 scale per token and KV head (single device only).
+
+    Raises:
+      ValueError: bad chunk_size or kv_dtype, or an int8 cache with a mesh.
     """
 
     def __init__(self, model: Llama, *, max_length: int | None = None, chunk_size: int = 512,
-                 unstack: bool | None = None, mesh=None, rules=None):
+                 unstack: bool | None = None, mesh=None, rules=None, kv_dtype=None):
         enable_compilation_cache()
+        if kv_dtype is not None:
+            init_cache(model.config, 1, 1, kv_dtype=kv_dtype)        # validates the name
+            if mesh is not None and jnp.dtype(kv_dtype) == jnp.int8:
+                raise ValueError("kv_dtype='int8' is not supported with a mesh yet (the cache sharding has no "
+                                 "scale arrays)")
+        self.kv_dtype = kv_dtype
         if unstack is None:
             unstack = jax.default_backend() == "cpu"
         if unstack:
@@ -238,7 +253,7 @@ class Engine:
             from llama_jax import sharding
             return sharding.init_cache_sharded(self.config, self.mesh, batch_size, length, self.model.dtype,
                                                self.rules)
-        return init_cache(self.config, batch_size, length, self.model.dtype)
+        return init_cache(self.config, batch_size, length, self.model.dtype, kv_dtype=self.kv_dtype)
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> tuple[KVCache, jax.Array]:
         """Writes the prompts into ``cache`` (rows 0..len(prompts)-1; other rows get a 1-token dummy prompt).
@@ -434,8 +449,9 @@ class Engine:
     def _grow(self, ds: DecodeState, length: int) -> DecodeState:
         """The same state with a longer cache (zero slots appended)."""
         pad = length - ds.cache.max_length
-        widths = [(0, 0)] * 2 + [(0, pad)] + [(0, 0)] * 2
-        cache = ds.cache.replace(k=jnp.pad(ds.cache.k, widths), v=jnp.pad(ds.cache.v, widths))
+        grown = {name: jnp.pad(x, [(0, 0)] * 2 + [(0, pad)] + [(0, 0)] * (x.ndim - 3))
+                 for name in _SLOT_ARRAYS if (x := getattr(ds.cache, name)) is not None}
+        cache = ds.cache.replace(**grown)
         return ds.replace(cache=cache)
 
     # ------------------------------------------------------------------ generation

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama_jax import attention
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.rope import apply_rope
@@ -93,36 +94,25 @@ class Embedder(nnx.Module):
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           implementation: str | None = None) -> jax.Array:
-    """Grouped-query attention: the one attention function of every path.
+    """Dense grouped-query attention with an explicit mask (kept for callers; the model uses
+    :func:`llama_jax.attention.attend`).
 
     Args:
-      q: [B, T, N, H] queries (RoPE applied).
-      k, v: [B, S, K, H] keys and values, K dividing N. Query head n reads KV head n // (N / K); K/V are never
-        tiled or copied.
-      mask: bool [B, T, S], True where query t may attend to key s.
-      implementation: "xla" (explicit einsums, float32 softmax; the CPU path), "cudnn" (``jax.nn.
-        dot_product_attention``'s cuDNN flash attention, GPU only), or None: "cudnn" on GPU when the dtype allows,
-        else "xla".
+      q: [B, T, N, H] queries; k, v: [B, S, K, H]; mask: bool [B, T, S], True where query t may attend to key s.
+      implementation: "xla" / "reference" (:func:`llama_jax.attention.reference_attention`), "cudnn", or None
+        ("cudnn" on GPU when the dtype allows).
 
     Returns:
       [B, T, N, H] in q's dtype.
     """
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
     if implementation is None:
-        implementation = ("cudnn" if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-                          else "xla")
+        implementation = attention.choose_implementation(q.dtype, k.dtype)
+        implementation = "reference" if implementation == "blockwise" else implementation
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    if implementation != "xla":
+    if implementation not in ("xla", "reference"):
         raise ValueError(f"attention implementation must be 'xla', 'cudnn' or None, got {implementation!r}")
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)                                   # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(h ** -0.5)                                          # [B, K, G, T, S]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)                                   # [B, T, K, G, H]
-    return out.reshape(b, t, n, h)
+    return attention.reference_attention(q, k, v, mask)
 
 
 class Attention(nnx.Module):
@@ -138,12 +128,14 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs, lead + (d, k, h), lax + ("embed", "kv_heads", "head_dim"), param_dtype, std)
         self.o_proj = _param(rngs, lead + (n, h, d), lax + ("q_heads", "head_dim", "embed"), param_dtype, std)
 
-    def __call__(self, x, positions, mask, kv=None, attention_impl=None):
-        """x: [B, T, D]; positions int32 [B, T]; mask bool [B, T, S].
+    def __call__(self, x, positions, segment_ids=None, kv=None, attention_impl=None, attention_block=None):
+        """x: [B, T, D]; positions int32 [B, T]; segment_ids int32 [B, T] or None (packed documents).
 
-        kv: None (attend among the T tokens; S = T), or ``(k_all, v_all, layer)`` with the whole cache
-        [L, B, S, K, H] and this layer's index: the new keys/values are scattered into slots ``positions`` of that
-        layer (in place when the buffers are donated) before attending. Returns (out [B, T, D], kv').
+        kv: None (causal attention among the T tokens; S = T), or ``(cache, layer)`` with the whole
+        :class:`llama_jax.kv_cache.KVCache` and this layer's index: the new keys/values are written into slots
+        ``positions`` of that layer (in place when the buffers are donated), then the queries attend to slots
+        <= their positions (:func:`llama_jax.attention.attend`, which reads only the blocks it needs).
+        Returns (out [B, T, D], kv').
         """
         dtype = x.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dtype))             # [B, T, N, H]
@@ -151,14 +143,17 @@ class Attention(nnx.Module):
         v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dtype))             # [B, T, K, H]
         q = apply_rope(q, positions, self.config)
         k = apply_rope(k, positions, self.config)
-        if kv is not None:
-            k_all, v_all, layer = kv
-            rows = jnp.arange(x.shape[0])[:, None]
-            k_all = k_all.at[layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")  # [L, B, S, K, H]
-            v_all = v_all.at[layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
-            k, v = k_all[layer], v_all[layer]                                              # [B, S, K, H]
-            kv = (k_all, v_all, layer)
-        out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, attention_impl)
+        block = attention_block
+        if kv is None:
+            out = attention.attend(q, k, v, positions, cached=False, segment_ids=segment_ids,
+                                   implementation=attention_impl, block_size=block)
+        else:
+            cache, layer = kv
+            cache = cache.write(layer, positions, k, v)                                    # [L, B, S, K, H]
+            kv = (cache, layer)
+            out = attention.attend(q, cache.k, cache.v, positions, cached=True, k_scale=cache.k_scale,
+                                   v_scale=cache.v_scale, layer=layer, implementation=attention_impl,
+                                   block_size=block)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype)), kv
 
 
@@ -191,15 +186,18 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, param_dtype=param_dtype, layers=layers)
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs, layers=layers)
 
-    def __call__(self, x, positions, mask, kv=None, attention_impl=None):
-        h, kv = self.attention(self.attention_norm(x), positions, mask, kv, attention_impl)
+    def __call__(self, x, positions, segment_ids=None, kv=None, attention_impl=None, attention_block=None):
+        h, kv = self.attention(self.attention_norm(x), positions, segment_ids, kv, attention_impl, attention_block)
         x = x + h
         return x + self.mlp(self.ffn_norm(x)), kv
 
 
 def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
                    q_segments: jax.Array | None = None, k_segments: jax.Array | None = None) -> jax.Array:
-    """Causal mask by position: bool [B, T, S], True where k_position <= q_position (and segments agree)."""
+    """Causal mask by position: bool [B, T, S], True where k_position <= q_position (and segments agree).
+
+    The model no longer builds masks (:func:`llama_jax.attention.attend` masks inside its blocks); kept for
+    callers and tests."""
     mask = k_positions[:, None, :] <= q_positions[:, :, None]
     if q_segments is not None:
         mask &= q_segments[:, :, None] == k_segments[:, None, :]
@@ -221,7 +219,9 @@ class Llama(nnx.Module):
       rngs: ``nnx.Rngs`` for initialisation (normal, std 0.02; norms 1).
       param_dtype: parameter dtype; default :func:`default_dtype` (float32 on CPU, bfloat16 on accelerators).
       dtype: compute (activation) dtype; default ``param_dtype``.
-      attention_impl: see :func:`dot_product_attention`.
+      attention_impl: see :func:`llama_jax.attention.attend` (None: cuDNN on GPU where it fits, else the
+        blockwise XLA path; "reference": the dense einsum oracle).
+      attention_block: key block of the blockwise attention (default: ``llama_jax.attention.attend``'s choice).
       remat: rematerialisation of each scanned decoder layer in the backward pass: None (store everything),
         "full" (recompute the whole layer), or "dots" (save matmul outputs, recompute the rest;
         ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
@@ -232,7 +232,12 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=None, dtype=None,
-                 attention_impl: str | None = None, remat: str | None = None):
+                 attention_impl: str | None = None, remat: str | None = None, attention_block: int | None = None):
+        if attention_impl not in (None,) + attention.IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl must be one of {attention.IMPLEMENTATIONS} or None, "
+                             f"got {attention_impl!r}")
+        if attention_block is not None and attention_block < 1:
+            raise ValueError(f"attention_block must be positive, got {attention_block}")
         if remat not in _REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(map(str, _REMAT_POLICIES))}, got {remat!r}")
         param_dtype = jnp.dtype(param_dtype or default_dtype())
@@ -240,6 +245,7 @@ class Llama(nnx.Module):
         self.param_dtype = param_dtype
         self.dtype = jnp.dtype(dtype or param_dtype)
         self.attention_impl = attention_impl
+        self.attention_block = attention_block
         self.remat = remat
         self.embedder = Embedder(config.vocab_size, config.dim, param_dtype=param_dtype, rngs=rngs)
         self.layers = Block(config, param_dtype=param_dtype, rngs=rngs, layers=config.n_layers)
@@ -262,13 +268,10 @@ class Llama(nnx.Module):
             positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
         positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
 
+        if kv_cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packed documents) apply to the uncached forward only, not with kv_cache")
         x = self.embedder.encode(tokens, self.dtype)                                   # [B, T, D]
-        if kv_cache is None:
-            mask = attention_mask(positions, positions, segment_ids, segment_ids)       # [B, T, T]
-        else:
-            slots = jnp.arange(kv_cache.max_length, dtype=jnp.int32)
-            mask = attention_mask(positions, jnp.broadcast_to(slots, (b, kv_cache.max_length)))  # [B, T, S]
-        x, kv_cache = self._apply_layers(x, positions, mask, kv_cache)
+        x, kv_cache = self._apply_layers(x, positions, segment_ids, kv_cache)
         x = self.final_norm(x)
         if return_hidden:
             return x if kv_cache is None else (x, kv_cache)
@@ -281,21 +284,21 @@ class Llama(nnx.Module):
             return self.embedder.decode(x)
         return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
 
-    def _apply_layers(self, x, positions, mask, kv_cache):
-        impl = self.attention_impl
+    def _apply_layers(self, x, positions, segment_ids, kv_cache):
+        impl, blk = self.attention_impl, getattr(self, "attention_block", None)
         new_lengths = None if kv_cache is None else positions[:, -1] + 1
         if not self.is_stacked:                       # unstacked: a Python loop over per-layer blocks
-            kv = None if kv_cache is None else (kv_cache.k, kv_cache.v, 0)
             for i, block in enumerate(self.layers):
-                x, kv = block(x, positions, mask, None if kv is None else kv[:2] + (i,), impl)
+                x, kv = block(x, positions, segment_ids, None if kv_cache is None else (kv_cache, i), impl, blk)
+                kv_cache = None if kv is None else kv[0]
             if kv_cache is not None:
-                kv_cache = kv_cache.replace(k=kv[0], v=kv[1], lengths=new_lengths)
+                kv_cache = kv_cache.replace(lengths=new_lengths)
             return x, kv_cache
 
         graphdef, state = nnx.split(self.layers)
         if kv_cache is None:
             def body(x, layer_state):
-                x, _ = nnx.merge(graphdef, layer_state)(x, positions, mask, None, impl)
+                x, _ = nnx.merge(graphdef, layer_state)(x, positions, segment_ids, None, impl, blk)
                 return x, None
             if self.remat is not None:
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -303,12 +306,12 @@ class Llama(nnx.Module):
             return x, None
 
         def body_cached(carry, layer_state):
-            x, k_all, v_all, i = carry
-            x, (k_all, v_all, _) = nnx.merge(graphdef, layer_state)(x, positions, mask, (k_all, v_all, i), impl)
-            return (x, k_all, v_all, i + 1), None
+            x, cache, i = carry
+            x, (cache, _) = nnx.merge(graphdef, layer_state)(x, positions, None, (cache, i), impl, blk)
+            return (x, cache, i + 1), None
 
-        (x, k_all, v_all, _), _ = jax.lax.scan(body_cached, (x, kv_cache.k, kv_cache.v, jnp.int32(0)), state)
-        return x, kv_cache.replace(k=k_all, v=v_all, lengths=new_lengths)
+        (x, kv_cache, _), _ = jax.lax.scan(body_cached, (x, kv_cache, jnp.int32(0)), state)
+        return x, kv_cache.replace(lengths=new_lengths)
 
     # ------------------------------------------------------------------ layer layout
     def unstack_layers(self) -> None:

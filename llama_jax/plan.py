@@ -20,10 +20,12 @@ whether it fits in ``usable_fraction`` of H200 (141 GB), H100 (80 GB), TPU v5p (
 parameter dtype; one scale per output channel, per row for the embedding table); the model dequantizes each layer's
 weights inside the layer scan. Norm scales stay in ``--dtype``.
 
-Caveats: temporaries come from the XLA:CPU compiler (the attention is the einsum path of ``llama_jax.model``, not a
-fused flash kernel), so on GPU/TPU they are an estimate; the parameter and cache bytes are exact. XLA:CPU has no
-bfloat16 matmul and would convert whole stacked bf16 weights to float32 (hoisted out of the layer loop), so bf16 is
-lowered as float16 (same bytes per element); XLA:CPU still upcasts one layer's weights and the output head to
+Caveats: temporaries come from the XLA:CPU compiler, so on GPU/TPU they are an estimate. The attention compiled is
+the blockwise path of ``llama_jax.attention`` (online softmax over key blocks: O(prefill_length x block) score
+memory per layer, independent of max_length; ``attention_impl="reference"`` plans the dense einsum form instead);
+the parameter and cache bytes are exact. XLA:CPU has no bfloat16 matmul and would convert whole stacked bf16
+weights to float32 (hoisted out of the layer loop), so bf16 is lowered as float16 (same bytes per element); XLA:CPU
+still upcasts one layer's weights and the output head to
 float32 inside the loop, which keeps the temporaries conservative (by about 3 GB per device for 405B on 8 devices).
 """
 
@@ -87,7 +89,8 @@ def _analysis(compiled):
 
 def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch: int = 1,
          max_length: int = 131072, prefill_length: int = 512, train: bool = False, train_length: int = 4096,
-         remat: str = "full", rules=None, bf16_as_f16: bool = True, log=print) -> list[ProgramMemory]:
+         remat: str = "full", rules=None, bf16_as_f16: bool = True, log=print,
+         attention_impl: str | None = None) -> list[ProgramMemory]:
     """Lowers and compiles prefill, decode (and the train step) for abstract sharded inputs; returns their memory.
 
     Args:
@@ -99,6 +102,8 @@ def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch
       train, train_length, remat: also the training step on [B, train_length] with this remat policy.
       rules: logical-axis rules.
       bf16_as_f16: on CPU devices, lower bfloat16 as float16 (same bytes; see the module docstring).
+      attention_impl: the model's attention (``llama_jax.attention.attend``); None: what the backend picks
+        (blockwise on CPU devices).
 
     Raises:
       ValueError: bad quant / sizes, or a mesh that cannot shard the model (from ``sharding.validate``).
@@ -121,7 +126,7 @@ def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch
         dtype = jnp.dtype(jnp.float16)
     S.validate(config, mesh, rules)
     graphdef, state = S.abstract_state(config, mesh, rules, param_dtype=dtype, dtype=dtype,
-                                       remat=remat if train else None)
+                                       remat=remat if train else None, attention_impl=attention_impl)
     if quant == "int8":
         state = abstract_quantized_state(state, embeddings=True, mesh=mesh, rules=rules)
     param_bytes = tree_bytes_per_device(state)

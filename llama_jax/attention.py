@@ -1,0 +1,287 @@
+"""Attention: every implementation behind one function, :func:`attend`.
+
+Implementations (chosen by :func:`attend` from the backend, dtypes and shapes, or named by ``implementation``):
+
+* ``"blockwise"`` (the XLA path; CPU and the general fallback): online softmax over key/value blocks with a
+  float32 running max and sum, as in flash attention (Dao et al., arXiv:2205.14135, algorithm 1) and in Rabe &
+  Staats, "Self-attention does not need O(n^2) memory" (arXiv:2112.05682, section 2). Score memory is
+  O(T x block) per head, independent of the cache length S. Against a KV cache a query chunk visits only the key
+  blocks up to its own last position (a dynamic trip count computed from the positions: a decode step reads
+  ``ceil(max(lengths) / block)`` blocks, a prefill chunk the blocks up to its last token); blocks past it are
+  never read. Within the last block, keys beyond a query's position are masked.
+* ``"cudnn"``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` (GPU, bf16/fp16, float caches).
+* ``"reference"``: :func:`reference_attention`, the dense einsum form with a [B, T, S] mask (the test oracle).
+
+GQA groups the queries ``[B, T, K, G, H]`` against the un-repeated keys ``[B, S, K, H]``
+(``'BTKGH,BSKH->BKGTS'``); K/V are never tiled. Einsum letters as in :mod:`llama_jax.model`.
+
+Masking rules (the same in every implementation):
+
+* cached (``cached=True``): key slot s of row b holds position s (see :mod:`llama_jax.kv_cache`); query at
+  position p attends to slots s <= p.
+* self-attention (``cached=False``, keys are the T query tokens themselves, S = T): query i attends to key j when
+  j <= i, position[j] <= position[i] and (with ``segment_ids``) segment[j] == segment[i] (packed documents).
+
+The block loop (:func:`online_softmax`) takes a function that fetches key/value block i, so a paged cache (a
+page pool and a page table) reuses it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("blockwise", "cudnn", "reference", "xla")
+#: Default key block (and query block in self-attention): score tiles of 512 x 512 per head.
+DEFAULT_BLOCK = 512
+#: Default key block of decode-sized query chunks (T <= 16): fewer, larger blocks (the loop's per-iteration cost
+#: dominates a 1-query tile; measured on XLA:CPU, a 32K-slot decode read is ~2.5x faster with 2048 than 512).
+DECODE_BLOCK = 2048
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+# ------------------------------------------------------------------------------------------- oracle
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Dense grouped-query attention: the test oracle (the einsum form of ``llama_models/llama3/model.py``).
+
+    Args:
+      q: [B, T, N, H] queries (RoPE applied).
+      k, v: [B, S, K, H] keys and values, K dividing N (query head n reads KV head n // (N / K)).
+      mask: bool [B, T, S], True where query t may attend to key s.
+
+    Returns:
+      [B, T, N, H] in q's dtype; scores and softmax in float32.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)                                   # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(h ** -0.5)                                          # [B, K, G, T, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype))                   # [B, T, K, G, H]
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def dense_mask(q_positions: jax.Array, s: int, *, cached: bool, segment_ids: jax.Array | None = None,
+               ) -> jax.Array:
+    """The bool [B, T, S] mask of the masking rules in the module docstring (for the oracle and cuDNN)."""
+    if cached:
+        slots = jnp.arange(s, dtype=jnp.int32)
+        return slots[None, None, :] <= q_positions[:, :, None]
+    t = q_positions.shape[1]
+    idx = jnp.arange(t)
+    mask = (idx[None, :] <= idx[:, None])[None] & (q_positions[:, None, :] <= q_positions[:, :, None])
+    if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return mask
+
+
+# ------------------------------------------------------------------------------------------- block loop
+def online_softmax(q: jax.Array, fetch: Callable, mask_block: Callable, num_blocks, *, n_kv_heads: int,
+                   skip: Callable | None = None) -> jax.Array:
+    """Attention of ``q`` over key/value blocks 0..num_blocks-1 with an online (streaming) softmax.
+
+    Args:
+      q: [B, T, N, H] queries.
+      fetch: ``fetch(i) -> (k, v, k_scale, v_scale)``: block i, k/v [B, C, K, H] (float, or int8 with
+        float32 scales [B, C, K] per token and KV head; scales None for float blocks).
+      mask_block: ``mask_block(i) -> bool [B, T, C]``, True where a query may attend to a key of block i.
+      num_blocks: a Python int (static trip count: a scan, reverse-differentiable) or an int32 scalar (dynamic
+        trip count: a while loop, forward only).
+      n_kv_heads: K.
+      skip: optional ``skip(i) -> bool scalar``: block i is fully masked; it is not computed (``lax.cond``).
+
+    Returns:
+      [B, T, N, H] in q's dtype; scores, running max, running sum and the accumulator in float32.
+    """
+    b, t, n, h = q.shape
+    kh = n_kv_heads
+    g = n // kh
+    qg = q.reshape(b, t, kh, g, h)                                                    # [B, T, K, G, H]
+    scale = jnp.float32(h ** -0.5)
+
+    def update(i, carry):
+        m, l_sum, acc = carry                                  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
+        k, v, k_scale, v_scale = fetch(i)
+        s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        if k_scale is not None:
+            s = s * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, None, :]
+        s = s * scale                                                                 # [B, K, G, T, C]
+        mask = mask_block(i)[:, None, None]                                           # [B, 1, 1, T, C]
+        s = jnp.where(mask, s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)                       # [B, K, G, T, C]
+        corr = jnp.exp(m - m_new)
+        l_sum = l_sum * corr + jnp.sum(p, axis=-1)
+        if v_scale is not None:
+            p = p * jnp.transpose(v_scale, (0, 2, 1))[:, :, None, None, :]
+        pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(q.dtype), v.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+        return m_new, l_sum, acc * corr[..., None] + pv
+
+    def body(i, carry):
+        if skip is None:
+            return update(i, carry)
+        return jax.lax.cond(skip(i), lambda c: c, lambda c: update(i, c), carry)
+
+    init = (jnp.full((b, kh, g, t), _NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+            jnp.zeros((b, kh, g, t, h), jnp.float32))
+    if isinstance(num_blocks, int) and num_blocks == 1 and skip is None:
+        m, l_sum, acc = update(0, init)
+    else:
+        m, l_sum, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    out = acc / jnp.maximum(l_sum, jnp.finfo(jnp.float32).tiny)[..., None]                # [B, K, G, T, H]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
+
+
+def _slice(x, layer, start, size):
+    """x[layer, :, start:start+size] of a stacked [L, B, S, ...] array (only the block is read), or
+    x[:, start:start+size] of a per-layer [B, S, ...] one."""
+    if x is None:
+        return None
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    starts = (layer, 0, start) + (0,) * (x.ndim - 3)
+    sizes = (1, x.shape[1], size) + x.shape[3:]
+    return jax.lax.dynamic_slice(x, starts, sizes)[0]
+
+
+def _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block):
+    """Queries of positions ``q_positions`` [B, T] against a cache [(L,) B, S, K, H]; see :func:`attend`."""
+    s = k.shape[-3]
+    c = min(block, s)
+    n_blocks = -(-s // c)
+    # blocks needed: up to the largest query position (slots beyond it are masked for every query)
+    needed = jnp.minimum(jnp.max(q_positions) // c + 1, n_blocks).astype(jnp.int32)
+
+    def fetch(i):
+        start = jnp.minimum(i * c, s - c)             # a short last block is read as the last c slots
+        return tuple(_slice(x, layer, start, c) for x in (k, v, k_scale, v_scale))
+
+    def mask_block(i):
+        start = jnp.minimum(i * c, s - c)
+        slots = start + jnp.arange(c, dtype=jnp.int32)                                # [C]
+        ok = (slots[None, None, :] <= q_positions[:, :, None]) & (slots >= i * c)[None, None, :]
+        return ok                                                                     # [B, T, C]
+
+    return online_softmax(q, fetch, mask_block, needed, n_kv_heads=k.shape[-2])
+
+
+def _blockwise_self(q, k, v, q_positions, segment_ids, block):
+    """Causal self-attention among T tokens (k/v [B, T, K, H]); query blocks of ``block`` tokens each visit key
+    blocks 0..i only (static: differentiable for training)."""
+    b, t, n, h = q.shape
+    c = min(block, t)
+    nq = -(-t // c)
+    pad = nq * c - t
+    if pad:
+        widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+        q_positions = jnp.pad(q_positions, [(0, 0), (0, pad)])
+        if segment_ids is not None:
+            segment_ids = jnp.pad(segment_ids, [(0, 0), (0, pad)], constant_values=-1)
+    tp = nq * c
+    idx = jnp.arange(tp, dtype=jnp.int32)
+
+    def one_query_block(qi, q_blk):
+        q_idx = qi * c + jnp.arange(c, dtype=jnp.int32)                               # [C]
+        q_pos = jax.lax.dynamic_slice_in_dim(q_positions, qi * c, c, axis=1)          # [B, C]
+        q_seg = None if segment_ids is None else jax.lax.dynamic_slice_in_dim(segment_ids, qi * c, c, axis=1)
+
+        def fetch(j):
+            return (jax.lax.dynamic_slice_in_dim(k, j * c, c, axis=1),
+                    jax.lax.dynamic_slice_in_dim(v, j * c, c, axis=1), None, None)
+
+        def mask_block(j):
+            k_idx = jax.lax.dynamic_slice_in_dim(idx, j * c, c)
+            k_pos = jax.lax.dynamic_slice_in_dim(q_positions, j * c, c, axis=1)
+            ok = (k_idx[None, :] <= q_idx[:, None])[None] & (k_pos[:, None, :] <= q_pos[:, :, None])
+            if q_seg is not None:
+                k_seg = jax.lax.dynamic_slice_in_dim(segment_ids, j * c, c, axis=1)
+                ok &= q_seg[:, :, None] == k_seg[:, None, :]
+            return ok
+
+        if nq == 1:
+            return online_softmax(q_blk, fetch, mask_block, 1, n_kv_heads=k.shape[2])
+        return online_softmax(q_blk, fetch, mask_block, nq, n_kv_heads=k.shape[2], skip=lambda j: j > qi)
+
+    if nq == 1:
+        out = one_query_block(0, q)
+    else:
+        q_blocks = jnp.moveaxis(q.reshape(b, nq, c, n, h), 1, 0)                      # [nq, B, C, N, H]
+        out = jax.lax.map(lambda a: one_query_block(a[0], a[1]), (jnp.arange(nq, dtype=jnp.int32), q_blocks))
+        out = jnp.moveaxis(out, 0, 1).reshape(b, tp, n, h)
+    return out[:, :t]
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+def choose_implementation(q_dtype, kv_dtype) -> str:
+    """cuDNN on GPU for bf16/fp16 queries over a float cache of the same dtype, else the blockwise XLA path."""
+    if (jax.default_backend() == "gpu" and jnp.dtype(q_dtype) in (jnp.bfloat16, jnp.float16)
+            and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype)):
+        return "cudnn"
+    return "blockwise"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, cached: bool,
+           segment_ids: jax.Array | None = None, k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
+           layer=None, implementation: str | None = None, block_size: int | None = None) -> jax.Array:
+    """Grouped-query causal attention: the one attention function of prefill, decode and training.
+
+    Args:
+      q: [B, T, N, H] queries (RoPE applied), the compute dtype.
+      k, v: keys/values [B, S, K, H], or a stacked cache [L, B, S, K, H] with ``layer`` (an int or int32 scalar)
+        naming the layer: the blockwise path then reads only the blocks it needs (slicing a whole layer out of a
+        stacked array copies it on XLA:CPU). float, or int8 with ``k_scale`` / ``v_scale``.
+      q_positions: int32 [B, T] positions of the queries.
+      cached: True: k/v are a KV cache whose slot s holds position s (attend to s <= position); False: k/v are the
+        T query tokens themselves (S = T), causal by index and position (see the module docstring).
+      segment_ids: int32 [B, T] document ids of packed rows (self-attention only): tokens attend within their own
+        segment.
+      k_scale, v_scale: float32 [(L,) B, S, K] dequantization scales of an int8 cache (one per token and KV head).
+      layer: see k, v.
+      implementation: "blockwise" (or "xla"), "cudnn", "reference", or None (:func:`choose_implementation`).
+      block_size: key block C of the blockwise path (and query block of self-attention); default
+        ``DECODE_BLOCK`` for cached chunks of T <= 16 queries, else ``DEFAULT_BLOCK``.
+
+    Returns:
+      [B, T, N, H] in q's dtype.
+
+    Raises:
+      ValueError: unknown implementation, segment_ids with a cache, or cuDNN asked for an int8 cache.
+    """
+    if implementation is None:
+        implementation = choose_implementation(q.dtype, k.dtype)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    if cached and segment_ids is not None:
+        raise ValueError("segment_ids apply to self-attention only (cached=False)")
+    if block_size is None:
+        block_size = DECODE_BLOCK if cached and q.shape[1] <= 16 else DEFAULT_BLOCK
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if implementation in ("blockwise", "xla"):
+        if cached:
+            return _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block_size)
+        if layer is not None or k_scale is not None:
+            raise ValueError("self-attention (cached=False) takes per-layer float k/v")
+        return _blockwise_self(q, k, v, q_positions, segment_ids, block_size)
+
+    # dense implementations: the layer of a stacked cache, dequantized
+    if layer is not None:
+        k, v = k[layer], v[layer]
+        k_scale = None if k_scale is None else k_scale[layer]
+        v_scale = None if v_scale is None else v_scale[layer]
+    if k_scale is not None:
+        if implementation == "cudnn":
+            raise ValueError("the cudnn attention takes a float KV cache, not int8")
+        k = k.astype(jnp.float32) * k_scale[..., None]
+        v = v.astype(jnp.float32) * v_scale[..., None]
+    mask = dense_mask(q_positions, k.shape[1], cached=cached, segment_ids=segment_ids)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
+                                            implementation="cudnn")
+    return reference_attention(q, k, v, mask)
