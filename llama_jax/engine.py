@@ -14,13 +14,16 @@ Design (ARCHITECTURE.md; gemma's ``_sampler_loop.py``):
 * **Continuous batching** (:meth:`Engine.generate_continuous`): when a row finishes, :meth:`Engine.insert`
   prefills the next prompt into a 1-row cache and scatters it into that row of the running state (K/V of all
   layers, length, output buffers, first token); decoding continues ``steps_per_dispatch`` steps per device call.
-* Int8 weights (:mod:`llama_jax.quant`) need nothing here: a quantized parameter dequantizes when the model reads it.
+* Int8 weights (:mod:`llama_jax.quant`) need nothing here: the model multiplies int8 weights into its products
+  (:func:`llama_jax.model.project`) and scales the results.
 * Every jitted call donates the cache (``donate_argnames``), so the cache is updated in place.
 * Generation stops per row on a stop id (the model's, e.g. Llama 3.1 instruct's 128001/128008/128009, united
   with the caller's), on a stop string (checked on the host), or after ``max_new_tokens``; per-token
   log-probabilities (of the unfiltered distribution) are returned.
-* On CPU the decoder layers are switched to the unstacked layout (a Python loop over per-layer weights):
-  XLA:CPU reads a stacked weight slice inside a scan at about half the bandwidth (ARCHITECTURE.md).
+* On CPU the decoder layers are switched to the unstacked layout (a Python loop over per-layer weights) and the
+  matmul weights to the "out_in" layout (contracted axis last), chosen in :func:`decode_layout`: XLA:CPU reads a
+  stacked weight slice inside a scan at about half the bandwidth, and reads bf16/int8 weights in place only when
+  they are contracted on their last axis (ARCHITECTURE.md).
 * A persistent XLA compilation cache (``~/.cache/llama_jax/xla`` or ``$LLAMA_JAX_COMPILATION_CACHE``; set it to
   an empty string to disable) is switched on when an Engine is made, so a second run does not compile again.
 """
@@ -58,6 +61,22 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def decode_layout(backend: str | None = None) -> dict:
+    """The parameter layout the engine decodes with on ``backend`` (default: JAX's default backend).
+
+    The one place this choice is made. The checkpoint (stacked layers, "in_out" weights), the logical axis names
+    and the sharding rules stay as they are; the engine transforms the model in place at construction.
+
+    * "cpu": ``{"unstack": True, "weight_layout": "out_in"}``. XLA:CPU reads a layer slice of a stacked weight
+      inside a scan at about half the bandwidth, and streams a bf16/int8 weight into a matrix-vector product
+      without a float copy only when the weight is contracted on its last axis (ARCHITECTURE.md, measured).
+    * other backends: ``{"unstack": False, "weight_layout": "in_out"}`` (scanned layers; today's layout).
+    """
+    if (backend or jax.default_backend()) == "cpu":
+        return {"unstack": True, "weight_layout": "out_in"}
+    return {"unstack": False, "weight_layout": "in_out"}
 
 
 def bucket_length(n: int, maximum: int, minimum: int = MIN_BUCKET) -> int:
@@ -178,18 +197,23 @@ class Engine:
       chunk_size: longest prefill block; longer prompts are prefilled chunk by chunk.
       unstack: switch the model to per-layer weights (default: on CPU). The model is modified in place
         (same parameters, same results).
+      weight_layout: "out_in" (every matmul weight contracted on its last axis; :meth:`llama_jax.model.Llama.
+        set_weight_layout`) or "in_out" (the checkpoint's); default :func:`decode_layout` of the backend. Changed
+        in place, one weight at a time (no second copy of the model).
       mesh: the device mesh the model is sharded over; caches are then created directly in their shards
         (``llama_jax.sharding.init_cache_sharded``: batch over data/fsdp, KV heads over tensor).
       rules: logical-axis rules for the cache (default ``llama_jax.sharding.DEFAULT_RULES``).
     """
 
     def __init__(self, model: Llama, *, max_length: int | None = None, chunk_size: int = 512,
-                 unstack: bool | None = None, mesh=None, rules=None):
+                 unstack: bool | None = None, weight_layout: str | None = None, mesh=None, rules=None):
         enable_compilation_cache()
+        layout = decode_layout()
         if unstack is None:
-            unstack = jax.default_backend() == "cpu"
+            unstack = layout["unstack"]
         if unstack:
             model.unstack_layers()
+        model.set_weight_layout(weight_layout or layout["weight_layout"])
         self.model = model
         self.config = model.config
         self.max_length = min(max_length or self.config.max_seq_len, self.config.max_seq_len)
