@@ -20,10 +20,10 @@ Design (ARCHITECTURE.md; gemma's ``_sampler_loop.py``):
 * Generation stops per row on a stop id (the model's, e.g. Llama 3.1 instruct's 128001/128008/128009, united
   with the caller's), on a stop string (checked on the host), or after ``max_new_tokens``; per-token
   log-probabilities (of the unfiltered distribution) are returned.
-* On CPU the decoder layers are switched to the unstacked layout (a Python loop over per-layer weights) and the
-  matmul weights to the "out_in" layout (contracted axis last), chosen in :func:`decode_layout`: XLA:CPU reads a
-  stacked weight slice inside a scan at about half the bandwidth, and reads bf16/int8 weights in place only when
-  they are contracted on their last axis (ARCHITECTURE.md).
+* On CPU the decoder layers are switched to the unstacked layout (a Python loop over per-layer weights) and
+  bf16/int8 matmul weights to the "out_in" layout (contracted axis last), chosen in :func:`decode_layout`:
+  XLA:CPU reads a stacked weight slice inside a scan at about half the bandwidth, and reads bf16/int8 weights in
+  place only when they are contracted on their last axis (ARCHITECTURE.md).
 * A persistent XLA compilation cache (``~/.cache/llama_jax/xla`` or ``$LLAMA_JAX_COMPILATION_CACHE``; set it to
   an empty string to disable) is switched on when an Engine is made, so a second run does not compile again.
 """
@@ -63,19 +63,29 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     return path
 
 
-def decode_layout(backend: str | None = None) -> dict:
-    """The parameter layout the engine decodes with on ``backend`` (default: JAX's default backend).
+def weight_storage_dtype(model: Llama) -> jnp.dtype:
+    """The dtype matmul weights are stored in: int8 for llama_jax.quant weights, else the parameter dtype."""
+    value = next(model._matmul_params())[1].get_value()
+    return jnp.dtype(jnp.int8) if hasattr(value, "q") else jnp.dtype(value.dtype)
+
+
+def decode_layout(weight_dtype=jnp.float32, backend: str | None = None) -> dict:
+    """The parameter layout the engine decodes with, for weights stored as ``weight_dtype`` on ``backend``
+    (default: JAX's default backend).
 
     The one place this choice is made. The checkpoint (stacked layers, "in_out" weights), the logical axis names
     and the sharding rules stay as they are; the engine transforms the model in place at construction.
 
-    * "cpu": ``{"unstack": True, "weight_layout": "out_in"}``. XLA:CPU reads a layer slice of a stacked weight
-      inside a scan at about half the bandwidth, and streams a bf16/int8 weight into a matrix-vector product
-      without a float copy only when the weight is contracted on its last axis (ARCHITECTURE.md, measured).
+    * "cpu": unstacked layers (XLA:CPU reads a layer slice of a stacked weight inside a scan at about half the
+      bandwidth). bfloat16 and int8 weights "out_in" (contracted axis last): XLA:CPU then streams them into the
+      matrix-vector product as stored; "in_out" makes it write a float32 copy of every weight first (measured
+      13x slower). float32 weights stay "in_out": there XLA:CPU's own float32 matrix-vector product is faster
+      than the fused loop it emits for "out_in" (measured 1.5x on SmolLM2-shaped weights).
     * other backends: ``{"unstack": False, "weight_layout": "in_out"}`` (scanned layers; today's layout).
     """
     if (backend or jax.default_backend()) == "cpu":
-        return {"unstack": True, "weight_layout": "out_in"}
+        f32 = jnp.dtype(weight_dtype) == jnp.float32
+        return {"unstack": True, "weight_layout": "in_out" if f32 else "out_in"}
     return {"unstack": False, "weight_layout": "in_out"}
 
 
@@ -198,7 +208,7 @@ class Engine:
       unstack: switch the model to per-layer weights (default: on CPU). The model is modified in place
         (same parameters, same results).
       weight_layout: "out_in" (every matmul weight contracted on its last axis; :meth:`llama_jax.model.Llama.
-        set_weight_layout`) or "in_out" (the checkpoint's); default :func:`decode_layout` of the backend. Changed
+        set_weight_layout`) or "in_out" (the checkpoint's); default :func:`decode_layout` (weights, backend). Changed
         in place, one weight at a time (no second copy of the model).
       mesh: the device mesh the model is sharded over; caches are then created directly in their shards
         (``llama_jax.sharding.init_cache_sharded``: batch over data/fsdp, KV heads over tensor).
@@ -208,7 +218,7 @@ class Engine:
     def __init__(self, model: Llama, *, max_length: int | None = None, chunk_size: int = 512,
                  unstack: bool | None = None, weight_layout: str | None = None, mesh=None, rules=None):
         enable_compilation_cache()
-        layout = decode_layout()
+        layout = decode_layout(weight_storage_dtype(model))
         if unstack is None:
             unstack = layout["unstack"]
         if unstack:
