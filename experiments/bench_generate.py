@@ -50,7 +50,15 @@ def median_time(fn, repeats):
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # Linux: KiB
+    """This process's peak resident set (VmHWM; ru_maxrss would carry the parent's peak across exec on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_bandwidth(repeats):
@@ -226,7 +234,9 @@ def main(argv):
     prompt = np.random.default_rng(0).integers(100, 40000, FLAGS.prompt_tokens).tolist()
     if FLAGS.worker:
         engine, _, precision = FLAGS.worker.partition(":")
-        if engine == "llama-jax":
+        if engine == "bandwidth":
+            out = {"bandwidth": measure_bandwidth(FLAGS.repeats)}
+        elif engine == "llama-jax":
             out = worker_ours(precision, prompt, FLAGS.new_tokens, FLAGS.batch, FLAGS.repeats)
         elif engine == "llama.cpp":
             out = worker_llamacpp(precision, prompt, FLAGS.new_tokens, FLAGS.batch, FLAGS.repeats,
@@ -250,7 +260,7 @@ def main(argv):
         paths = gguf_paths()
         for q in ("F32", "Q8_0"):
             write_gguf(paths["src"], paths[q], q)
-    bandwidth = measure_bandwidth(FLAGS.repeats)
+    bandwidth = run_worker("bandwidth")["bandwidth"]          # in its own process too: this one stays small
     ours = {p: run_worker(f"llama-jax:{p}") for p in ("float32", "bfloat16", "int8")} \
         if "llama-jax" in FLAGS.engines else {}
     cpp = {p: run_worker(f"llama.cpp:{p}") for p in ("F32", "Q8_0")} if "llama.cpp" in FLAGS.engines else {}
