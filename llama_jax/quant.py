@@ -10,9 +10,11 @@ arXiv:2208.07339 section 3.1). The embedding table [V, D] gets one scale per row
 its uses (lookup and the tied output head, where a row is an output channel).
 
 A quantized parameter is an ``nnx.Param`` whose value is a :class:`QArray`, a pytree of (``q``, ``scale``);
-``param[...]`` returns the dequantized array, so the model's ``self.w[...]`` reads dequantize one layer at a
-time inside the compiled program (weights stay int8 in memory; XLA fuses the ``q * scale`` into the matmul's
-operand). Layer stacking/unstacking, ``nnx.split``/``merge``, jit and sharding see the two leaves.
+``param[...]`` returns the dequantized array. The model never dequantizes a whole weight: its products
+(:func:`llama_jax.model.project`) multiply activations by ``q`` cast inside the dot and scale the result per
+output channel, in either weight layout (llama_jax.model.WEIGHT_LAYOUTS; on CPU the engine stores ``q`` and
+``scale`` contracted-axis-last, which XLA:CPU reads as int8 in place). Layer stacking/unstacking, layout changes,
+``nnx.split``/``merge``, jit and sharding see the two leaves.
 
 API:
   * :func:`quantize_model` (in place) / :func:`quantize_state`: float -> int8.
