@@ -29,6 +29,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # experiments/bench_generate.py's peer: llama.cpp (compiles from source, ~5 min on 2 cores)
+        "bench": ["llama-cpp-python"],
         # reading Meta .pth checkpoints; the CPU build of this version is on local disk
         "convert": ["torch==2.13.0"],
         # references for parity tests: Hugging Face transformers and Meta's llama-models

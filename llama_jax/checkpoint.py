@@ -139,21 +139,22 @@ def save(path: str | os.PathLike, model: Llama, tokenizer_files: Iterable[str | 
 
     Args:
       path: output directory; written atomically (temporary sibling renamed into place).
-      model: a :class:`llama_jax.model.Llama` (stacked or unstacked layers; stored stacked), any sharding.
+      model: a :class:`llama_jax.model.Llama` (stacked or unstacked layers, either weight layout; stored stacked,
+        "in_out"), any sharding.
       tokenizer_files: files (or directories whose contents are copied) to store under ``tokenizer/``.
       overwrite: replace an existing ``path``.
 
     Returns the absolute path. Raises FileExistsError (``path`` exists, no ``overwrite``), FileNotFoundError
     (a tokenizer file is missing).
     """
-    ocp = _orbax()
     path = os.path.abspath(os.fspath(path))
     _check_new_path(path, overwrite)
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if not model.is_stacked:  # list of per-layer dicts -> one dict of [L, ...] arrays
-        layers = state["layers"]
-        per_layer = [layers[i] for i in sorted(layers)]
-        state["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+    with model.checkpoint_form():  # stacked [L, ...] arrays, "in_out" weights; restored afterwards
+        return _save(path, nnx.to_pure_dict(nnx.state(model, nnx.Param)), model, tokenizer_files, overwrite)
+
+
+def _save(path, state, model, tokenizer_files, overwrite) -> str:
+    ocp = _orbax()
     if jax.process_count() > 1:
         return _save_multihost(path, state, model, tokenizer_files, overwrite)
     tmp = _temp_sibling(path)

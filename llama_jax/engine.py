@@ -14,13 +14,16 @@ Design (ARCHITECTURE.md; gemma's ``_sampler_loop.py``):
 * **Continuous batching** (:meth:`Engine.generate_continuous`): when a row finishes, :meth:`Engine.insert`
   prefills the next prompt into a 1-row cache and scatters it into that row of the running state (K/V of all
   layers, length, output buffers, first token); decoding continues ``steps_per_dispatch`` steps per device call.
-* Int8 weights (:mod:`llama_jax.quant`) need nothing here: a quantized parameter dequantizes when the model reads it.
+* Int8 weights (:mod:`llama_jax.quant`) need nothing here: the model multiplies int8 weights into its products
+  (:func:`llama_jax.model.project`) and scales the results.
 * Every jitted call donates the cache (``donate_argnames``), so the cache is updated in place.
 * Generation stops per row on a stop id (the model's, e.g. Llama 3.1 instruct's 128001/128008/128009, united
   with the caller's), on a stop string (checked on the host), or after ``max_new_tokens``; per-token
   log-probabilities (of the unfiltered distribution) are returned.
-* On CPU the decoder layers are switched to the unstacked layout (a Python loop over per-layer weights):
-  XLA:CPU reads a stacked weight slice inside a scan at about half the bandwidth (ARCHITECTURE.md).
+* On CPU the decoder layers are switched to the unstacked layout (a Python loop over per-layer weights) and
+  bf16/int8 matmul weights to the "out_in" layout (contracted axis last), chosen in :func:`decode_layout`:
+  XLA:CPU reads a stacked weight slice inside a scan at about half the bandwidth, and reads bf16/int8 weights in
+  place only when they are contracted on their last axis (ARCHITECTURE.md).
 * A persistent XLA compilation cache (``~/.cache/llama_jax/xla`` or ``$LLAMA_JAX_COMPILATION_CACHE``; set it to
   an empty string to disable) is switched on when an Engine is made, so a second run does not compile again.
 """
@@ -58,6 +61,32 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def weight_storage_dtype(model: Llama) -> jnp.dtype:
+    """The dtype matmul weights are stored in: int8 for llama_jax.quant weights, else the parameter dtype."""
+    value = next(model._matmul_params())[1].get_value()
+    return jnp.dtype(jnp.int8) if hasattr(value, "q") else jnp.dtype(value.dtype)
+
+
+def decode_layout(weight_dtype=jnp.float32, backend: str | None = None) -> dict:
+    """The parameter layout the engine decodes with, for weights stored as ``weight_dtype`` on ``backend``
+    (default: JAX's default backend).
+
+    The one place this choice is made. The checkpoint (stacked layers, "in_out" weights), the logical axis names
+    and the sharding rules stay as they are; the engine transforms the model in place at construction.
+
+    * "cpu": unstacked layers (XLA:CPU reads a layer slice of a stacked weight inside a scan at about half the
+      bandwidth). bfloat16 and int8 weights "out_in" (contracted axis last): XLA:CPU then streams them into the
+      matrix-vector product as stored; "in_out" makes it write a float32 copy of every weight first (measured
+      13x slower). float32 weights stay "in_out": there XLA:CPU's own float32 matrix-vector product is faster
+      than the fused loop it emits for "out_in" (measured 1.5x on SmolLM2-shaped weights).
+    * other backends: ``{"unstack": False, "weight_layout": "in_out"}`` (scanned layers; today's layout).
+    """
+    if (backend or jax.default_backend()) == "cpu":
+        f32 = jnp.dtype(weight_dtype) == jnp.float32
+        return {"unstack": True, "weight_layout": "in_out" if f32 else "out_in"}
+    return {"unstack": False, "weight_layout": "in_out"}
 
 
 def bucket_length(n: int, maximum: int, minimum: int = MIN_BUCKET) -> int:
@@ -182,6 +211,9 @@ class Engine:
       chunk_size: longest prefill block; longer prompts are prefilled chunk by chunk.
       unstack: switch the model to per-layer weights (default: on CPU). The model is modified in place
         (same parameters, same results).
+      weight_layout: "out_in" (every matmul weight contracted on its last axis; :meth:`llama_jax.model.Llama.
+        set_weight_layout`) or "in_out" (the checkpoint's); default :func:`decode_layout` (weights, backend). Changed
+        in place, one weight at a time (no second copy of the model).
       mesh: the device mesh the model is sharded over; caches are then created directly in their shards
         (``llama_jax.sharding.init_cache_sharded``: batch over data/fsdp, KV heads over tensor).
       rules: logical-axis rules for the cache (default ``llama_jax.sharding.DEFAULT_RULES``).
@@ -193,7 +225,8 @@ class Engine:
     """
 
     def __init__(self, model: Llama, *, max_length: int | None = None, chunk_size: int = 512,
-                 unstack: bool | None = None, mesh=None, rules=None, kv_dtype=None):
+                 unstack: bool | None = None, weight_layout: str | None = None, mesh=None, rules=None,
+                 kv_dtype=None):
         enable_compilation_cache()
         if kv_dtype is not None:
             init_cache(model.config, 1, 1, kv_dtype=kv_dtype)        # validates the name
@@ -201,10 +234,12 @@ class Engine:
                 raise ValueError("kv_dtype='int8' is not supported with a mesh yet (the cache sharding has no "
                                  "scale arrays)")
         self.kv_dtype = kv_dtype
+        layout = decode_layout(weight_storage_dtype(model))
         if unstack is None:
-            unstack = jax.default_backend() == "cpu"
+            unstack = layout["unstack"]
         if unstack:
             model.unstack_layers()
+        model.set_weight_layout(weight_layout or layout["weight_layout"])
         self.model = model
         self.config = model.config
         self.max_length = min(max_length or self.config.max_seq_len, self.config.max_seq_len)

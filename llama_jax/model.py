@@ -19,6 +19,14 @@ Parameters (logical axis names in brackets; the sharding rules table maps them t
 
 q_proj and k_proj rows are in the half-split RoPE layout (see :mod:`llama_jax.rope`).
 
+Weight layouts: the table above is the checkpoint's "in_out" layout (contracted input axes first). The decode
+layout "out_in" (:meth:`Llama.set_weight_layout`, chosen per backend by :class:`llama_jax.engine.Engine`) moves the
+contracted axes of every matmul weight (:data:`CONTRACTED_AXES`) last, e.g. q_proj [L, N, H, D] (layers, q_heads,
+head_dim, embed), and permutes the logical axis names with it, so the sharding rules apply unchanged. On XLA:CPU a
+matrix-vector product whose weight is contracted on its last, contiguous axis reads a bfloat16 or int8 weight in
+place; contracted on its first axis, XLA writes a float32 copy of the whole weight first (measured: 13x slower).
+:func:`project` computes every product from the parameter's logical axes, so both layouts run the same code.
+
 Decoder layers are stacked on a leading ``layers`` axis and applied with ``jax.lax.scan``, so compile time does
 not grow with depth. :meth:`Llama.unstack_layers` turns them into a list of per-layer blocks (a Python loop in the
 compiled program), which XLA:CPU decodes about twice as fast; :meth:`Llama.stack_layers` undoes it.
@@ -28,6 +36,10 @@ H head dim, F MLP hidden, V vocab, L layers.
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +54,79 @@ from llama_jax.rope import apply_rope
 def default_dtype() -> jnp.dtype:
     """float32 on CPU (XLA:CPU bf16 matrix-vector products are ~20x slower), bfloat16 on accelerators."""
     return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(jnp.bfloat16)
+
+
+#: Matmul weights (by parameter name) -> the logical axes they contract with their input (the "in" axes; the rest
+#: are the "out" axes). The same axes are reduced by int8 scales (llama_jax.quant).
+CONTRACTED_AXES: dict[str, tuple[str, ...]] = {
+    "embedding": ("embed",), "lm_head": ("embed",),
+    "q_proj": ("embed",), "k_proj": ("embed",), "v_proj": ("embed",), "o_proj": ("q_heads", "head_dim"),
+    "gate_proj": ("embed",), "up_proj": ("embed",), "down_proj": ("mlp",),
+}
+#: "in_out": contracted axes first (the checkpoint format); "out_in": contracted axes last (the CPU decode layout).
+WEIGHT_LAYOUTS = ("in_out", "out_in")
+
+
+def _is_quantized(value) -> bool:
+    return hasattr(value, "q") and hasattr(value, "scale")                  # llama_jax.quant.QArray
+
+
+def _axes(param: nnx.Variable, ndim: int) -> tuple[str, ...]:
+    axes = tuple(param.get_metadata().get("out_sharding") or ())
+    if len(axes) == ndim + 1 and axes[0] == "layers":                       # a layer of a stacked weight (scan)
+        axes = axes[1:]
+    if len(axes) != ndim:
+        raise ValueError(f"parameter of shape ndim {ndim} has logical axes {axes}: cannot tell its layout")
+    return axes
+
+
+def project(x: jax.Array, param: nnx.Variable, name: str, out_dtype=None) -> jax.Array:
+    """The product of activations and a matmul weight, in whichever layout the weight is stored.
+
+    Args:
+      x: [..., *in] activations, trailing axes the weight's contracted axes (``CONTRACTED_AXES[name]``) in order.
+      param: the weight ``nnx.Param``: float [*in, *out] ("in_out") or [*out, *in] ("out_in"), told apart by its
+        logical axis names; or an int8 ``llama_jax.quant.QArray`` (q in either layout, per-output-channel scale).
+      name: the parameter's name in :data:`CONTRACTED_AXES`.
+      out_dtype: accumulation/result dtype (``preferred_element_type``); default x's dtype.
+
+    Returns [..., *out] in ``out_dtype`` (or x's dtype). The weight is cast to x's dtype inside the product, never
+    dequantized as a whole: an int8 weight's scale multiplies the [.., out] result (w = q * scale per output
+    channel, so x @ w = (x @ q) * scale). Both layouts are one 2-D ``x @ w`` / ``x @ w.T``, the form XLA:CPU
+    streams a bf16/int8 "out_in" weight through without a float copy (see the module docstring).
+    """
+    value = param.get_value()
+    quantized = _is_quantized(value)
+    w = value.q if quantized else value
+    n_in = len(CONTRACTED_AXES[name])
+    out_in = _axes(param, w.ndim)[0] not in CONTRACTED_AXES[name]
+    in_shape, out_shape = (w.shape[-n_in:], w.shape[:-n_in]) if out_in else (w.shape[:n_in], w.shape[n_in:])
+    if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
+        raise ValueError(f"{name}: activations {x.shape} do not end in the weight's input axes {in_shape}")
+    n_i, n_o = math.prod(in_shape), math.prod(out_shape)
+    lead = x.shape[:x.ndim - n_in]
+    x2 = x.reshape(-1, n_i)
+    if out_in:
+        y = jnp.matmul(x2, w.reshape(n_o, n_i).astype(x.dtype).T, preferred_element_type=out_dtype)
+    else:
+        y = jnp.matmul(x2, w.reshape(n_i, n_o).astype(x.dtype), preferred_element_type=out_dtype)
+    if quantized:
+        y = y * value.scale.reshape(n_o).astype(y.dtype)
+    return y.reshape(lead + tuple(out_shape))
+
+
+def _layout_perm(axes: tuple[str, ...], name: str, layout: str) -> tuple[int, ...]:
+    """Permutation taking a weight with logical ``axes`` to ``layout`` (a leading "layers" axis stays first)."""
+    lead = [i for i, a in enumerate(axes) if a == "layers"]
+    ins = [i for i, a in enumerate(axes) if a in CONTRACTED_AXES[name]]
+    outs = [i for i, a in enumerate(axes) if a != "layers" and a not in CONTRACTED_AXES[name]]
+    return tuple(lead + (ins + outs if layout == "in_out" else outs + ins))
+
+
+def _permute_value(value, perm):
+    if _is_quantized(value):
+        return dataclasses.replace(value, q=jnp.transpose(value.q, perm), scale=jnp.transpose(value.scale, perm))
+    return jnp.transpose(value, perm)
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, std: float | None) -> nnx.Param:
@@ -83,13 +168,8 @@ class Embedder(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
-        """[B, T, D] -> float32 logits [B, T, V] (tied output head)."""
-        table = self.embedding.get_value()
-        if hasattr(table, "q") and hasattr(table, "scale"):           # int8: scale the logits per row (token)
-            logits = jnp.einsum("BTD,VD->BTV", x, table.q.astype(x.dtype), preferred_element_type=jnp.float32)
-            return logits * table.scale[:, 0].astype(jnp.float32)
-        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        """[B, T, D] -> float32 logits [B, T, V] (tied output head; an int8 table scales the logits per token)."""
+        return project(x, self.embedding, "embedding", jnp.float32)                     # [B, T, V]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -138,9 +218,9 @@ class Attention(nnx.Module):
         Returns (out [B, T, D], kv').
         """
         dtype = x.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dtype))             # [B, T, N, H]
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dtype))             # [B, T, K, H]
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dtype))             # [B, T, K, H]
+        q = project(x, self.q_proj, "q_proj")                                           # [B, T, N, H]
+        k = project(x, self.k_proj, "k_proj")                                           # [B, T, K, H]
+        v = project(x, self.v_proj, "v_proj")                                           # [B, T, K, H]
         q = apply_rope(q, positions, self.config)
         k = apply_rope(k, positions, self.config)
         block = attention_block
@@ -154,7 +234,7 @@ class Attention(nnx.Module):
             out = attention.attend(q, cache.k, cache.v, positions, cached=True, k_scale=cache.k_scale,
                                    v_scale=cache.v_scale, layer=layer, implementation=attention_impl,
                                    block_size=block)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype)), kv
+        return project(out, self.o_proj, "o_proj"), kv                                  # [B, T, D]
 
 
 class MLP(nnx.Module):
@@ -168,10 +248,9 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, lead + (f, d), lax + ("mlp", "embed"), param_dtype, 0.02)
 
     def __call__(self, x):
-        dtype = x.dtype
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dtype))
-        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dtype))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...].astype(dtype))
+        gate = project(x, self.gate_proj, "gate_proj")                                  # [B, T, F]
+        up = project(x, self.up_proj, "up_proj")                                        # [B, T, F]
+        return project(jax.nn.silu(gate) * up, self.down_proj, "down_proj")             # [B, T, D]
 
 
 class Block(nnx.Module):
@@ -202,6 +281,11 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
     if q_segments is not None:
         mask &= q_segments[:, :, None] == k_segments[:, None, :]
     return mask
+
+
+def _split_layers(value, n: int) -> list:
+    """The n leading-axis slices of a stacked array (or QArray), made by one jitted call."""
+    return jax.jit(lambda a: [jax.tree.map(lambda x, i=i: x[i], a) for i in range(n)])(value)
 
 
 _REMAT_POLICIES = {
@@ -282,7 +366,7 @@ class Llama(nnx.Module):
         """Final-normed hidden states [B, T, D] -> float32 logits [B, T, V]."""
         if self.config.tie_word_embeddings:
             return self.embedder.decode(x)
-        return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return project(x, self.lm_head, "lm_head", jnp.float32)                         # [B, T, V]
 
     def _apply_layers(self, x, positions, segment_ids, kv_cache):
         impl, blk = self.attention_impl, getattr(self, "attention_block", None)
@@ -314,33 +398,109 @@ class Llama(nnx.Module):
         return x, kv_cache.replace(lengths=new_lengths)
 
     # ------------------------------------------------------------------ layer layout
+    def _matmul_params(self):
+        """(name, Param) of every matmul weight whose layout :meth:`set_weight_layout` changes (not the table)."""
+        for path, var in nnx.iter_graph(self):
+            if (isinstance(var, nnx.Param) and path and path[-1] in CONTRACTED_AXES and path[-1] != "embedding"):
+                yield path[-1], var
+
+    @property
+    def weight_layout(self) -> str:
+        """"in_out" (the checkpoint's, contracted axes first) or "out_in" (contracted axes last); see the module
+        docstring."""
+        name, var = next(self._matmul_params())
+        axes = [a for a in var.get_metadata()["out_sharding"] if a != "layers"]
+        return "in_out" if axes[0] in CONTRACTED_AXES[name] else "out_in"
+
+    def set_weight_layout(self, layout: str) -> None:
+        """Permutes every matmul weight (and int8 q/scale, llama_jax.quant) into ``layout``, in place.
+
+        The logical axis names (``out_sharding`` metadata) are permuted with the values, so the sharding rules
+        still place every axis; results are unchanged (same products, see :func:`project`). Weights are
+        transposed one at a time and each old array is released as soon as it is replaced (when nothing else
+        references it), so the extra memory is at most one weight. The embedding table [V, D] is already
+        contracted on its last axis for the tied head and is left as it is.
+
+        Raises ValueError for a layout not in :data:`WEIGHT_LAYOUTS`.
+        """
+        if layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"weight layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+        for name, var in list(self._matmul_params()):
+            value = var.get_value()
+            axes = tuple(var.get_metadata()["out_sharding"])
+            perm = _layout_perm(axes, name, layout)
+            if perm == tuple(range(len(axes))):
+                continue
+            var.set_value(None)                                   # drop our reference before the new copy lands
+            var.set_value(_permute_value(value, perm))
+            del value
+            var.set_metadata("out_sharding", tuple(axes[i] for i in perm))
+
+    @contextlib.contextmanager
+    def checkpoint_form(self):
+        """Within the block the model is in the checkpoint's form (stacked layers, "in_out" weights); on exit it
+        returns to the form it had (in place both ways, one parameter at a time). Used by the savers."""
+        unstacked, layout = not self.is_stacked, self.weight_layout
+        self.stack_layers()
+        self.set_weight_layout("in_out")
+        try:
+            yield self
+        finally:
+            self.set_weight_layout(layout)
+            if unstacked:
+                self.unstack_layers()
+
     def unstack_layers(self) -> None:
-        """Replaces the stacked block with a list of per-layer blocks (each parameter sliced once)."""
+        """Replaces the stacked block with a list of per-layer blocks (each parameter sliced once).
+
+        Parameter by parameter: the L slices of one stacked array are made and the stacked array is dropped
+        before the next, so the stacked and unstacked forms of the model are never both held (peak: the model
+        plus one stacked parameter).
+        """
         if not self.is_stacked:
             return
+        n = self.config.n_layers
         graphdef, state = nnx.split(self.layers)
-        blocks = []
-        for i in range(self.config.n_layers):
-            layer_state = jax.tree.map(lambda a: a[i], state)
-            block = nnx.merge(graphdef, layer_state)
-            for _, var in nnx.iter_graph(block):
-                if isinstance(var, nnx.Variable) and var.get_metadata().get("out_sharding"):
-                    var.set_metadata("out_sharding", tuple(var.get_metadata()["out_sharding"][1:]))
-            blocks.append(block)
-        self.layers = nnx.List(blocks)
+        del self.layers
+        flat = list(nnx.to_flat_state(state))
+        del state
+        per_layer = [[] for _ in range(n)]
+        for path, var in flat:
+            value = var.get_value()
+            var.set_value(None)
+            slices = _split_layers(value, n)
+            del value
+            meta = var.get_metadata()
+            axes = meta.get("out_sharding")
+            for i in range(n):
+                new = var.replace(slices[i])
+                if axes:
+                    new.set_metadata("out_sharding", tuple(axes[1:]))
+                per_layer[i].append((path, new))
+            del slices
+        self.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state(items))
+                                for items in per_layer])
 
     def stack_layers(self) -> None:
-        """Inverse of :meth:`unstack_layers`."""
+        """Inverse of :meth:`unstack_layers` (parameter by parameter: the per-layer arrays of one parameter are
+        released as its stacked array is made)."""
         if self.is_stacked:
             return
-        states = [nnx.split(b)[1] for b in self.layers]
         graphdef = nnx.split(self.layers[0])[0]
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
-        block = nnx.merge(graphdef, stacked)
-        for _, var in nnx.iter_graph(block):
-            if isinstance(var, nnx.Variable) and var.get_metadata().get("out_sharding"):
-                var.set_metadata("out_sharding", ("layers",) + tuple(var.get_metadata()["out_sharding"]))
-        self.layers = block
+        flats = [list(nnx.to_flat_state(nnx.split(b)[1])) for b in self.layers]
+        del self.layers
+        stacked = {}
+        for j, (path, var) in enumerate(flats[0]):
+            values = [flat[j][1].get_value() for flat in flats]
+            for flat in flats:
+                flat[j][1].set_value(None)
+            new = var.replace(jax.tree.map(lambda *a: jnp.stack(a), *values))
+            del values
+            axes = var.get_metadata().get("out_sharding")
+            if axes:
+                new.set_metadata("out_sharding", ("layers",) + tuple(axes))
+            stacked[path] = new
+        self.layers = nnx.merge(graphdef, nnx.from_flat_state(stacked))
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -10,9 +10,11 @@ arXiv:2208.07339 section 3.1). The embedding table [V, D] gets one scale per row
 its uses (lookup and the tied output head, where a row is an output channel).
 
 A quantized parameter is an ``nnx.Param`` whose value is a :class:`QArray`, a pytree of (``q``, ``scale``);
-``param[...]`` returns the dequantized array, so the model's ``self.w[...]`` reads dequantize one layer at a
-time inside the compiled program (weights stay int8 in memory; XLA fuses the ``q * scale`` into the matmul's
-operand). Layer stacking/unstacking, ``nnx.split``/``merge``, jit and sharding see the two leaves.
+``param[...]`` returns the dequantized array. The model never dequantizes a whole weight: its products
+(:func:`llama_jax.model.project`) multiply activations by ``q`` cast inside the dot and scale the result per
+output channel, in either weight layout (llama_jax.model.WEIGHT_LAYOUTS; on CPU the engine stores ``q`` and
+``scale`` contracted-axis-last, which XLA:CPU reads as int8 in place). Layer stacking/unstacking, layout changes,
+``nnx.split``/``merge``, jit and sharding see the two leaves.
 
 API:
   * :func:`quantize_model` (in place) / :func:`quantize_state`: float -> int8.
@@ -36,15 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.model import CONTRACTED_AXES
+
 QUANT_MODES = ("none", "int8")
 QUANT_FILE = "quant.json"
 
-#: Quantizable parameters (by last path name) -> logical axes reduced by the scale (the contracted input axes).
-QUANT_REDUCE: dict[str, tuple[str, ...]] = {
-    "embedding": ("embed",), "lm_head": ("embed",),
-    "q_proj": ("embed",), "k_proj": ("embed",), "v_proj": ("embed",), "o_proj": ("q_heads", "head_dim"),
-    "gate_proj": ("embed",), "up_proj": ("embed",), "down_proj": ("mlp",),
-}
+#: Quantizable parameters (by last path name) -> logical axes reduced by the scale (the contracted input axes):
+#: the model's own table, so a weight in either layout (llama_jax.model.WEIGHT_LAYOUTS) quantizes the same.
+QUANT_REDUCE: dict[str, tuple[str, ...]] = CONTRACTED_AXES
 
 
 @jax.tree_util.register_dataclass
@@ -202,11 +203,7 @@ def save(path: str | os.PathLike, model, tokenizer_files=(), overwrite: bool = F
     if not is_quantized(model):
         raise ValueError("quant.save: model has no int8 parameters (use llama_jax.checkpoint.save)")
     ckpt._check_new_path(path, overwrite)
-    stacked_again = False
-    if not model.is_stacked:
-        model.stack_layers()
-        stacked_again = True
-    try:
+    with model.checkpoint_form():          # stacked layers, "in_out" weights (restored afterwards)
         state = nnx.state(model, nnx.Param)
         tree = _pure(state)
         quantized = [".".join(_names(p[:-1])) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -224,9 +221,6 @@ def save(path: str | os.PathLike, model, tokenizer_files=(), overwrite: bool = F
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    finally:
-        if stacked_again:
-            model.unstack_layers()
     return path
 
 
