@@ -271,6 +271,8 @@ def load(path: str | os.PathLike, quant: str = "none", dtype=None, mesh=None, ru
     with open(os.path.join(path, QUANT_FILE)) as f:
         stored = set(json.load(f)["quantized"])
     config = ckpt.read_config(path)
+    if mesh is not None:
+        S.validate(config, mesh, rules)    # the rule of checkpoint.load and sharding.init_sharded
     dtype = jnp.dtype(dtype or default_dtype())
     mesh = mesh or ckpt._default_mesh()
     abstract = ckpt.abstract_model(config, dtype)
