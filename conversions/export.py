@@ -130,7 +130,15 @@ def _llama3_tokenizer_json(tok):
     regex then byte-level spelling; the 256 special tokens keep their ids; plain encoding prepends
     <|begin_of_text|> as transformers' Llama 3 tokenizer does.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer as TK, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
+    from tokenizers import Tokenizer as TK
 
     from llama_jax.tokenizer import LLAMA3_PAT_STR
     ranks = tok._backend.ranks
