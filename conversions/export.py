@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from conversions import layout
-from conversions.hf import OURS_TO_HF
+from conversions.hf import OURS_TO_HF, TOKENIZER_FILES
 from conversions.meta import OURS_TO_META
 from llama_jax import checkpoint
 
@@ -83,12 +83,14 @@ def _copy_tokenizer(src_dir, tmp, names=None):
 
 
 def _stored_tokenizer(path):
-    """The checkpoint's :class:`llama_jax.tokenizer.Tokenizer`, or None when it stores no tokenizer.
+    """The checkpoint's :class:`llama_jax.tokenizer.Tokenizer`, or None when it stores no vocabulary (no
+    tokenizer/ directory, or one holding only side files such as generation_config.json).
 
     Raises ValueError naming the tokenizer directory when its files do not load."""
     from llama_jax.tokenizer import Tokenizer
     tok_dir = checkpoint.tokenizer_dir(path)
-    if tok_dir is None:
+    if tok_dir is None or not any(f in ("tokenizer.json", "tokenizer.model") or f.endswith(".gguf")
+                                  for f in os.listdir(tok_dir)):
         return None
     try:
         return Tokenizer.from_file(tok_dir)
@@ -252,6 +254,8 @@ def export_hf(input: str, output: str, dtype=None, overwrite: bool = False, prog
             for k in ("bos_id", "eos_id"):
                 if getattr(tokenizer, k) is not None:
                     hf_config[k.replace("_id", "_token_id")] = getattr(tokenizer, k)
+        else:   # no vocabulary: side files (generation_config.json) as stored
+            _copy_tokenizer(input, tmp, names=set(TOKENIZER_FILES))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         checkpoint._finish(tmp, output, overwrite)
