@@ -75,7 +75,7 @@ def _gguf_to_checkpoint(gguf_path: str, out: str) -> str:
     repo = os.path.dirname(HERE)
     if os.path.isfile(os.path.join(repo, "conversions", "gguf.py")):
         subprocess.run([sys.executable, "-m", "conversions", "--source=gguf", f"--input={gguf_path}",
-                        f"--output={out}"], check=True, cwd=repo)
+                        f"--output={out}"], check=True, cwd=repo, stdout=subprocess.DEVNULL)  # it prints the path
         return out
     import numpy as np
     import jax.numpy as jnp
@@ -157,6 +157,8 @@ def _perplexity(trainer, rows, batch_size):
 
 def main(argv):
     del argv
+    from llama_jax.logs import quiet_unless_verbose
+    quiet_unless_verbose()
     import numpy as np
     import jax
     import jax.numpy as jnp
@@ -190,6 +192,11 @@ def main(argv):
         except ValueError as e:
             _fail(f"--mesh: {e}")
 
+    if FLAGS.checkpoint:
+        try:
+            checkpoint.read_config(FLAGS.checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(f"--checkpoint: {e}")
     os.makedirs(workdir, exist_ok=True)          # only once the inputs are known good
     # ---- model and tokenizer
     t0 = time.time()

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.config import LlamaConfig
+from llama_jax.logs import quiet_orbax
 from llama_jax.model import Llama, default_dtype
 from llama_jax.sharding import MESH_AXES, state_shardings, validate
 
@@ -182,7 +183,7 @@ def save(path: str | os.PathLike, model: Llama, tokenizer_files: Iterable[str | 
     try:
         _copy_tokenizer(tmp, tokenizer_files)
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-        with ocp.Checkpointer(handler) as ckptr:
+        with quiet_orbax(), ocp.Checkpointer(handler) as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(state))
         _write_config(tmp, model.config, model.param_dtype)
         _finish(tmp, path, overwrite)
@@ -209,7 +210,7 @@ def _save_multihost(path, state, model, tokenizer_files, overwrite) -> str:
         _copy_tokenizer(tmp, tokenizer_files)
     multihost_utils.sync_global_devices(f"llama_jax.save:start:{path}")
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-    with ocp.Checkpointer(handler) as ckptr:
+    with quiet_orbax(), ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(state))
     multihost_utils.sync_global_devices(f"llama_jax.save:written:{path}")
     if primary:

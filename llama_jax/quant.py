@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.logs import quiet_orbax
+
 QUANT_MODES = ("none", "int8")
 QUANT_FILE = "quant.json"
 
@@ -215,7 +217,7 @@ def save(path: str | os.PathLike, model, tokenizer_files=(), overwrite: bool = F
         try:
             ckpt._copy_tokenizer(tmp, tokenizer_files)
             handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-            with ocp.Checkpointer(handler) as ckptr:
+            with quiet_orbax(), ocp.Checkpointer(handler) as ckptr:   # no OCDBT-merge note
                 ckptr.save(os.path.join(tmp, ckpt.PARAMS_DIR), args=ocp.args.PyTreeSave(tree))
             with open(os.path.join(tmp, QUANT_FILE), "w") as f:
                 json.dump({"mode": "int8", "quantized": sorted(quantized)}, f, indent=2)
