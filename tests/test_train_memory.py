@@ -36,12 +36,14 @@ def test_chunked_loss_and_gradients_equal_whole_sequence():
         graphdef, state = nnx.split(model, nnx.Param)
         params = nnx.to_pure_dict(state)
         batch = _batch(3, 37, cfg.vocab_size)         # 37 = 4 chunks of 10 with 3 padded positions
-        ref, g_ref = jax.jit(jax.value_and_grad(lambda p: _whole_sequence_loss(graphdef, p, batch)))(params)
+        ref, g_ref = jax.jit(jax.value_and_grad(_whole_sequence_loss, argnums=1), static_argnums=0)(
+            graphdef, params, batch)
         for chunk in ((10, 0) if tied else (10,)):
-            loss, g = jax.jit(jax.value_and_grad(lambda p, c=chunk: train.loss_fn(graphdef, p, batch, chunk=c)))(params)
+            loss, g = jax.jit(jax.value_and_grad(train.loss_fn, argnums=1), static_argnums=(0, 3))(
+                graphdef, params, batch, chunk)
             # float32 sums of ~100 terms in another order: a few ulps of the loss (~1e-7 relative)
             assert abs(float(loss) - float(ref)) <= 1e-6 * abs(float(ref)), (tied, chunk, loss, ref)
-            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
                 rel = np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-30)
                 assert rel <= 1e-5, (tied, chunk, rel)
 
