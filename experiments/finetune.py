@@ -159,14 +159,14 @@ def _perplexity(trainer, rows, batch_size):
 
 def main(argv):
     del argv
-    from llama_jax.logs import quiet_unless_verbose
-    quiet_unless_verbose()
     import numpy as np
     import jax
     import jax.numpy as jnp
     from llama_jax import checkpoint, data, train
     from llama_jax import sharding as sharding_lib
+    from llama_jax.logs import quiet_unless_verbose
     from llama_jax.tokenizer import Tokenizer
+    quiet_unless_verbose()                       # progress bars and results only, unless --verbosity
 
     workdir = os.path.abspath(FLAGS.workdir)
     # ---- inputs, checked before anything heavy
@@ -181,7 +181,8 @@ def main(argv):
             learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps,
             weight_decay=FLAGS.weight_decay, decay_norms_and_embeddings=FLAGS.decay_norms_and_embeddings,
             clip_norm=FLAGS.clip_norm if FLAGS.clip_norm > 0 else None, grad_accum=FLAGS.grad_accum,
-            remat=None if FLAGS.remat == "none" else FLAGS.remat, loss_chunk=FLAGS.loss_chunk, compute_dtype=FLAGS.compute_dtype, lora_rank=FLAGS.lora_rank,
+            remat=None if FLAGS.remat == "none" else FLAGS.remat, loss_chunk=FLAGS.loss_chunk,
+            compute_dtype=FLAGS.compute_dtype, lora_rank=FLAGS.lora_rank,
             lora_alpha=FLAGS.lora_alpha, lora_targets=tuple(FLAGS.lora_targets), seed=FLAGS.seed)
     except ValueError as e:
         _fail(f"flags: {e}")
