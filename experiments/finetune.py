@@ -273,6 +273,7 @@ def main(argv):
     # ---- export: LoRA merged, float32, with the tokenizer
     final = os.path.join(workdir, "final")
     checkpoint.save(final, trainer.export_model(), tokenizer_files=[tok_dir], overwrite=True)
+    del trainer, loader, model      # free the train state (parameters + AdamW moments) before the reload check
     reloaded = checkpoint.load(final, dtype=jnp.float32)
     check = train.Trainer(reloaded, train.TrainConfig(total_steps=1))
     summary["heldout_ppl_reloaded"], _ = _perplexity(check, held_rows, FLAGS.batch_size)

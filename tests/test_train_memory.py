@@ -81,9 +81,9 @@ def test_default_config_rematerialises_and_chunks():
     assert np.isfinite(m["loss"]) and m["tokens"] > 0
 
 
-def test_smollm2_batch_8x512_step_fits_in_4_gb(smollm2_checkpoint):
+def test_smollm2_batch_8x512_step_buffers_under_3_5_gib(smollm2_checkpoint):
     """XLA's compiled estimate (arguments + temporaries) of a full fine-tuning step of SmolLM2-135M at batch
-    8 x 512 with the defaults stays under 3.5 GiB, leaving 0.5 GiB of the 4 GB for the Python/JAX runtime."""
+    8 x 512 with the defaults stays under 3.5 GiB (14.3 GiB with remat=None and the whole-sequence loss)."""
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
