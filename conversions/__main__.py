@@ -80,6 +80,8 @@ def convert_from_flags(source: str, input: str, output: str, target: str | None 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
     """Runs the tool with parsed flags ``fv``; exits with status 1 (message on stderr) on bad input."""
+    from llama_jax.logs import quiet_unless_verbose
+    quiet_unless_verbose()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if fv.source is None:
@@ -93,8 +95,10 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
 
 
 def run():
-    """Console-script entry point ``llama-jax-convert``."""
+    """Console-script entry point ``llama-jax-convert`` (``--help`` prints this module's help, as ``python -m``)."""
+    from llama_jax.logs import adopt_main_help
     define_flags()
+    adopt_main_help(__doc__, __name__)
     app.run(main)
 
 

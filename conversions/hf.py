@@ -1,7 +1,8 @@
 """Hugging Face Llama checkpoints (config.json + model.safetensors or sharded model-*.safetensors with
 model.safetensors.index.json) -> llama-jax.
 
-Tensors are read lazily with ``safetensors.safe_open`` (memory-mapped); each layer re-opens its files so the
+Tensors are read lazily with ``safetensors.safe_open`` (memory-mapped; numpy for float32/float16, so no torch is
+needed, torch only for bfloat16); each layer re-opens its files so the
 mapping of the previous layer is released. Hugging Face already stores q/k rows in the half-split RoPE order,
 so the layout transforms are only transposes/reshapes (:data:`conversions.layout.PARAM_LAYOUT`). With
 ``tie_word_embeddings`` there is no ``lm_head.weight`` (an extra one, if present, is ignored).
@@ -51,10 +52,12 @@ def _hf_names(message: str) -> str:
     return re.sub(r"\b(" + "|".join(HF_FIELDS) + r")\b", lambda m: HF_FIELDS[m.group(1)], message)
 
 
-def _open(path: str):
+def _open(path: str, framework: str = "numpy"):
+    """``safe_open`` of ``path``: numpy (no torch needed) for headers and float32/float16 tensors; "pt" for
+    bfloat16 tensors, which safetensors' numpy reader does not decode."""
     from safetensors import safe_open
     try:
-        return safe_open(path, framework="pt")
+        return safe_open(path, framework=framework)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing safetensors file") from None
     except Exception as e:  # SafetensorError: truncated header, bad JSON, ...
@@ -120,12 +123,9 @@ class HFSource(Source):
                 raise ConversionError(f"{self.file_of.get(key, self._files()[0])}: tensor {key} is missing")
             check_shape(where[key], key, shapes[key], layout.torch_shape(name, c))
         self.want = want
-        if len(dtypes) == 1:
-            import torch
-            t = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop())
-            self.dtype = torch_to_numpy(torch.empty(0, dtype=t)).dtype if t is not None else np.dtype(np.float32)
-        else:
-            self.dtype = np.dtype(np.float32)
+        import ml_dtypes
+        natural = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+        self.dtype = np.dtype(natural.get(dtypes.pop(), np.float32) if len(dtypes) == 1 else np.float32)
 
     def _read(self, keys):
         """{key: numpy array} for ``keys``, each file opened once (and released after)."""
@@ -134,13 +134,30 @@ class HFSource(Source):
         for k in keys:
             by_file.setdefault(self.file_of[k], []).append(k)
         for path, ks in by_file.items():
+            bf16 = []
             with _open(path) as f:
                 for k in ks:
+                    if f.get_slice(k).get_dtype() == "BF16":
+                        bf16.append(k)
+                        continue
                     try:
-                        out[k] = torch_to_numpy(f.get_tensor(k))
+                        out[k] = np.array(f.get_tensor(k))          # own copy, not a view of the mapping
                     except Exception as e:
                         raise ConversionError(f"{path}: cannot read tensor {k} ({e})") from None
                     self.bytes_read += out[k].nbytes
+            if bf16:
+                try:
+                    import torch  # noqa: F401
+                except ImportError:
+                    raise ConversionError(f"{path}: bfloat16 tensors need torch to read "
+                                          "(pip install -e \".[convert]\")") from None
+                with _open(path, "pt") as f:
+                    for k in bf16:
+                        try:
+                            out[k] = torch_to_numpy(f.get_tensor(k))
+                        except Exception as e:
+                            raise ConversionError(f"{path}: cannot read tensor {k} ({e})") from None
+                        self.bytes_read += out[k].nbytes
         return out
 
     def global_tensors(self):

@@ -1,6 +1,6 @@
 """Evaluation: sliding-window perplexity over a text file, and multiple-choice accuracy by log-likelihood.
 
-    python experiments/eval.py --text=experiments/data/eval_text.txt --window=256 --stride=128
+    python experiments/eval.py --text=tests/data/eval_text.txt --window=256 --stride=128
     python experiments/eval.py --mc=tests/data/mc20.jsonl
     python experiments/eval.py --text=... --quant=int8            # int8 weights (llama_jax.quant)
 
@@ -16,7 +16,8 @@ Multiple choice: JSONL lines ``{"question": str, "choices": [str, ...], "answer"
 a letter "A".., or the choice text). Each choice is scored as the sum of the log-probabilities of its tokens
 ``encode(" " + choice)`` after the context ``encode(question, bos=True)``; the prediction is the highest sum
 (``--mc_normalize`` divides by the number of choice tokens). Malformed lines are reported with their line number
-and skipped (``--on_bad_line=skip``, the default) or refused (``--on_bad_line=error``, exit 1).
+and refused (``--on_bad_line=error``, the default, exit 1, as in ``llama_jax.generate``) or skipped
+(``--on_bad_line=skip``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("stride", 128, "Tokens between window starts (<= --window).")
     flags.DEFINE_string("mc", None, "JSONL file of multiple-choice questions.")
     flags.DEFINE_bool("mc_normalize", False, "Rank choices by mean instead of summed token log-likelihood.")
-    flags.DEFINE_enum("on_bad_line", "skip", ["skip", "error"], "Malformed JSONL line: report and skip, or exit 1.")
+    flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"],
+                      "Malformed JSONL line: exit 1 naming file:line (default, as in llama_jax.generate), or "
+                      "report and skip.")
     flags.DEFINE_integer("batch_size", 8, "Rows per forward pass.")
     flags.DEFINE_enum("quant", "none", ["none", "int8"], "Weight quantization at load (llama_jax.quant).")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter / compute dtype (default float32 on CPU).")
@@ -127,7 +130,7 @@ def perplexity(scorer: Scorer, ids: Sequence[int], window: int, stride: int) -> 
     return {"perplexity": math.exp(nll / count), "nll": nll, "tokens": count, "windows": len(wins)}
 
 
-def read_jsonl(path: str, on_bad_line: str = "skip", validate=None, flag: str = "--mc") -> list:
+def read_jsonl(path: str, on_bad_line: str = "error", validate=None, flag: str = "--mc") -> list:
     """Objects of a JSONL file; a line that is not JSON or fails ``validate(obj)`` (raising ValueError) is
     reported on stderr as ``path:line: reason`` and skipped, or raises UsageError when ``on_bad_line="error"``.
     Blank lines are ignored."""

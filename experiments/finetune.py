@@ -55,7 +55,9 @@ flags.DEFINE_float("clip_norm", 1.0, "gradient clipping (global norm)")
 flags.DEFINE_integer("lora_rank", 0, "0: full fine-tuning; > 0: LoRA rank")
 flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha")
 flags.DEFINE_list("lora_targets", ["q_proj", "v_proj"], "LoRA projections")
-flags.DEFINE_enum("remat", None, ["full", "dots"], "rematerialisation policy")
+flags.DEFINE_enum("remat", "full", ["full", "dots", "none"],
+                  "rematerialisation of each layer in the backward pass (full: least memory; none: fastest)")
+flags.DEFINE_integer("loss_chunk", 128, "sequence positions whose logits the loss makes at once (0: all)")
 flags.DEFINE_string("compute_dtype", None, "activation dtype (default float32 on CPU, bfloat16 on accelerators)")
 flags.DEFINE_enum("chat_template", "auto", ["auto", "chatml", "llama3"],
                   "rendering of JSONL 'messages' documents; auto: llama_jax.chat's Llama 3.1 format for a Llama 3 "
@@ -104,7 +106,7 @@ def _gguf_to_checkpoint(gguf_path: str, out: str) -> str:
     repo = os.path.dirname(HERE)
     if os.path.isfile(os.path.join(repo, "conversions", "gguf.py")):
         subprocess.run([sys.executable, "-m", "conversions", "--source=gguf", f"--input={gguf_path}",
-                        f"--output={out}"], check=True, cwd=repo)
+                        f"--output={out}"], check=True, cwd=repo, stdout=subprocess.DEVNULL)  # it prints the path
         return out
     import numpy as np
     import jax.numpy as jnp
@@ -191,7 +193,9 @@ def main(argv):
     import jax.numpy as jnp
     from llama_jax import checkpoint, data, train
     from llama_jax import sharding as sharding_lib
+    from llama_jax.logs import quiet_unless_verbose
     from llama_jax.tokenizer import Tokenizer
+    quiet_unless_verbose()                       # progress bars and results only, unless --verbosity
 
     workdir = os.path.abspath(FLAGS.workdir)
     # ---- inputs, checked before anything heavy
@@ -207,7 +211,8 @@ def main(argv):
             learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps,
             weight_decay=FLAGS.weight_decay, decay_norms_and_embeddings=FLAGS.decay_norms_and_embeddings,
             clip_norm=FLAGS.clip_norm if FLAGS.clip_norm > 0 else None, grad_accum=FLAGS.grad_accum,
-            remat=FLAGS.remat, compute_dtype=FLAGS.compute_dtype, lora_rank=FLAGS.lora_rank,
+            remat=None if FLAGS.remat == "none" else FLAGS.remat, loss_chunk=FLAGS.loss_chunk,
+            compute_dtype=FLAGS.compute_dtype, lora_rank=FLAGS.lora_rank,
             lora_alpha=FLAGS.lora_alpha, lora_targets=tuple(FLAGS.lora_targets), seed=FLAGS.seed)
     except ValueError as e:
         _fail(f"flags: {e}")
@@ -218,6 +223,11 @@ def main(argv):
         except ValueError as e:
             _fail(f"--mesh={FLAGS.mesh}: {e}")
 
+    if FLAGS.checkpoint:
+        try:
+            checkpoint.read_config(FLAGS.checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(f"--checkpoint: {e}")
     os.makedirs(workdir, exist_ok=True)          # only once the inputs are known good
     # ---- model and tokenizer
     t0 = time.time()
@@ -304,6 +314,7 @@ def main(argv):
     # ---- export: LoRA merged, float32, with the tokenizer
     final = os.path.join(workdir, "final")
     checkpoint.save(final, trainer.export_model(), tokenizer_files=[tok_dir], overwrite=True)
+    del trainer, loader, model      # free the train state (parameters + AdamW moments) before the reload check
     reloaded = checkpoint.load(final, dtype=jnp.float32)
     check = train.Trainer(reloaded, train.TrainConfig(total_steps=1))
     summary["heldout_ppl_reloaded"], _ = _perplexity(check, held_rows, FLAGS.batch_size)

@@ -39,8 +39,9 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.config import LlamaConfig
+from llama_jax.logs import quiet_orbax
 from llama_jax.model import Llama, default_dtype
-from llama_jax.sharding import MESH_AXES, state_shardings
+from llama_jax.sharding import MESH_AXES, state_shardings, validate
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -95,9 +96,31 @@ def _temp_sibling(path: str) -> str:
     return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.partial-", dir=parent)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(tree: str) -> None:
+    """Gives every directory (0o777) and file (0o666) under ``tree`` the mode the user's umask allows, as ``mkdir``
+    and ``open`` would have. ``tempfile.mkdtemp`` (0o700) and some writers (safetensors: 0o600) create private
+    modes; only call this on a tree this program created."""
+    mask = _umask()
+    os.chmod(tree, 0o777 & ~mask)
+    for root, dirs, files in os.walk(tree):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
 def _finish(tmp: str, path: str, overwrite: bool) -> None:
-    """Renames the completed ``tmp`` onto ``path`` (replacing it when ``overwrite``)."""
+    """Renames the completed ``tmp`` onto ``path`` (replacing it when ``overwrite``), with umask modes."""
     path = os.path.abspath(path)
+    apply_umask(tmp)
     old = None
     if os.path.lexists(path):
         if not overwrite:
@@ -161,7 +184,7 @@ def _save(path, state, model, tokenizer_files, overwrite) -> str:
     try:
         _copy_tokenizer(tmp, tokenizer_files)
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-        with ocp.Checkpointer(handler) as ckptr:
+        with quiet_orbax(), ocp.Checkpointer(handler) as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(state))
         _write_config(tmp, model.config, model.param_dtype)
         _finish(tmp, path, overwrite)
@@ -188,7 +211,7 @@ def _save_multihost(path, state, model, tokenizer_files, overwrite) -> str:
         _copy_tokenizer(tmp, tokenizer_files)
     multihost_utils.sync_global_devices(f"llama_jax.save:start:{path}")
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-    with ocp.Checkpointer(handler) as ckptr:
+    with quiet_orbax(), ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(state))
     multihost_utils.sync_global_devices(f"llama_jax.save:written:{path}")
     if primary:
@@ -250,12 +273,15 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
     Args:
       path: a directory written by :func:`save` or by the conversion tool.
       dtype: parameter dtype; None -> :func:`llama_jax.model.default_dtype` (float32 on CPU, bfloat16 else).
-      mesh: device mesh with axes ``llama_jax.sharding.MESH_AXES``; None -> the first device alone.
+      mesh: device mesh with axes ``llama_jax.sharding.MESH_AXES``; None -> the first device alone. Checked with
+        :func:`llama_jax.sharding.validate`, the same rule as :func:`llama_jax.sharding.init_sharded`.
       rules: logical-axis rules (default ``llama_jax.sharding.DEFAULT_RULES``).
 
     Raises:
       FileNotFoundError: the directory, its config.json or params/ (or a parameter array) is missing, named.
-      ValueError: invalid config.json, or stored parameter shapes that disagree with it (parameter named).
+      ValueError: invalid config.json, or stored parameter shapes that disagree with it (parameter named), or a
+        mesh axis that does not divide the dimension it shards (e.g. ``tensor=4`` and 9 query heads: the message
+        names the mesh axis, the logical axis and the config field).
     """
     ocp = _orbax()
     path = os.path.abspath(os.fspath(path))
@@ -263,6 +289,8 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
         from llama_jax import quant
         return quant.load(path, quant=quant.stored_quant(path), dtype=dtype, mesh=mesh, rules=rules)
     config = read_config(path)
+    if mesh is not None:
+        validate(config, mesh, rules)
     params_dir = os.path.join(path, PARAMS_DIR)
     meta_file = os.path.join(params_dir, "_METADATA")
     if not os.path.isfile(meta_file):

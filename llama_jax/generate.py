@@ -504,7 +504,9 @@ def main(argv):
 
 
 def run():
-    """Console-script entry point."""
+    """Console-script entry point ``llama-jax-generate`` (``--help`` prints this module's help, as ``python -m``)."""
+    from llama_jax.logs import adopt_main_help
+    adopt_main_help(__doc__, __name__)
     app.run(main)
 
 

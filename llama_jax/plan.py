@@ -232,6 +232,8 @@ PLAN_DTYPES = ("float32", "bfloat16", "float16")
 
 def main(argv):
     FLAGS = _flags_holder[0]
+    from llama_jax.logs import quiet_unless_verbose
+    quiet_unless_verbose()         # no libtpu "Unable to initialize backend 'tpu'" INFO line
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     try:

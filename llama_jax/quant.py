@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.logs import quiet_orbax
 from llama_jax.model import CONTRACTED_AXES
 
 QUANT_MODES = ("none", "int8")
@@ -212,7 +213,7 @@ def save(path: str | os.PathLike, model, tokenizer_files=(), overwrite: bool = F
         try:
             ckpt._copy_tokenizer(tmp, tokenizer_files)
             handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-            with ocp.Checkpointer(handler) as ckptr:
+            with quiet_orbax(), ocp.Checkpointer(handler) as ckptr:   # no OCDBT-merge note
                 ckptr.save(os.path.join(tmp, ckpt.PARAMS_DIR), args=ocp.args.PyTreeSave(tree))
             with open(os.path.join(tmp, QUANT_FILE), "w") as f:
                 json.dump({"mode": "int8", "quantized": sorted(quantized)}, f, indent=2)
@@ -265,6 +266,8 @@ def load(path: str | os.PathLike, quant: str = "none", dtype=None, mesh=None, ru
     with open(os.path.join(path, QUANT_FILE)) as f:
         stored = set(json.load(f)["quantized"])
     config = ckpt.read_config(path)
+    if mesh is not None:
+        S.validate(config, mesh, rules)    # the rule of checkpoint.load and sharding.init_sharded
     dtype = jnp.dtype(dtype or default_dtype())
     mesh = mesh or ckpt._default_mesh()
     abstract = ckpt.abstract_model(config, dtype)

@@ -173,7 +173,9 @@ def validate(config, mesh: jax.sharding.Mesh, rules: Rules | None = None) -> Non
 
     A mesh axis that does not divide the dimension it shards is refused, naming the mesh axis, the logical axis
     and the config field (e.g. a tensor axis of 3 and ``n_heads`` = 8), except for the axes in
-    ``REPLICATE_IF_INDIVISIBLE`` (KV heads fewer than the tensor axis are replicated).
+    ``REPLICATE_IF_INDIVISIBLE`` (KV heads fewer than the tensor axis are replicated). The one rule of
+    :func:`init_sharded`, :func:`shard_model`, ``llama_jax.checkpoint.load`` and ``llama_jax.quant.load``: query
+    heads, MLP and vocabulary are never silently replicated.
 
     Raises:
       ValueError: as above.

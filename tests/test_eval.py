@@ -116,7 +116,8 @@ def test_cli_bad_lines_skip_or_refuse(tmp_path, smollm2_checkpoint):
     path.write_text("\n".join(lines) + "\n")
     refused = run_cli("experiments.eval", f"--mc={path}", "--on_bad_line=error", f"--checkpoint={smollm2_checkpoint}")
     assert refused.returncode == 1 and f"{path}:2: not valid JSON" in refused.stderr, refused.stderr
-    skipped = run_cli("experiments.eval", f"--mc={path}", "--json", f"--checkpoint={smollm2_checkpoint}")
+    skipped = run_cli("experiments.eval", f"--mc={path}", "--json", "--on_bad_line=skip",
+                      f"--checkpoint={smollm2_checkpoint}")
     assert skipped.returncode == 0, skipped.stderr
     assert f"{path}:2:" in skipped.stderr and f"{path}:4:" in skipped.stderr
     out = json.loads(skipped.stdout.strip().splitlines()[-1])
