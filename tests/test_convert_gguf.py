@@ -95,6 +95,10 @@ def _tiny_gguf(path, qtype_name="Q8_0", d=64, rope_freqs=None, head_count=None, 
         except NotImplementedError:
             block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
             raw = rng.integers(0, 255, (shape[0], shape[1] // block * nbytes), dtype=np.uint8)
+            # random bytes can make an fp16 block scale inf/NaN, which the converter rightly refuses: redraw those rows
+            with np.errstate(all="ignore"):
+                while not (ok := np.isfinite(gguf.quants.dequantize(raw, qtype)).all(axis=1)).all():
+                    raw[~ok] = rng.integers(0, 255, raw[~ok].shape, dtype=np.uint8)
             w.add_tensor(name, raw, raw_dtype=qtype)
             floats[name] = None
     if rope_freqs is not None:
