@@ -50,6 +50,8 @@ setup(
             "uvicorn",
             "openai",
             "lm-eval[api]>=0.4,<0.5",
+            # lint + format check in .ci/run; pinned so the formatter's output does not change under us
+            "ruff==0.17.6",
         ],
         # the OpenAI-compatible server (python -m llama_jax.serve)
         "serve": ["fastapi", "uvicorn"],

@@ -22,7 +22,6 @@ import sys
 from absl import app, flags
 
 
-
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
     """Defines the tool's flags on ``fv``. Done by :func:`run`, not at import, so that importing this module (for
     :func:`convert_from_flags`) never clashes with other programs' flags (e.g. ``--dtype``) in one process."""
@@ -30,22 +29,34 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
     flags.DEFINE_enum("target", None, ["hf", "meta"], "Export format (only with --source=orbax).", flag_values=fv)
     flags.DEFINE_string("input", None, "Input directory (meta, hf, orbax) or .gguf file.", flag_values=fv)
     flags.DEFINE_string("output", None, "Output directory (must not exist unless --overwrite).", flag_values=fv)
-    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                      "Stored parameter dtype (default: the source's dtype; quantized GGUF -> float32).",
-                      flag_values=fv)
+    flags.DEFINE_enum(
+        "dtype",
+        None,
+        ["float32", "bfloat16", "float16"],
+        "Stored parameter dtype (default: the source's dtype; quantized GGUF -> float32).",
+        flag_values=fv,
+    )
     flags.DEFINE_bool("overwrite", False, "Replace an existing --output.", flag_values=fv)
     flags.DEFINE_bool("progress", True, "Show a tqdm progress bar (bytes).", flag_values=fv)
     return fv
 
 
-def convert_from_flags(source: str, input: str, output: str, target: str | None = None, dtype: str | None = None,
-                       overwrite: bool = False, progress: bool = True) -> str:
+def convert_from_flags(
+    source: str,
+    input: str,
+    output: str,
+    target: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> str:
     """The whole tool as a function (what the CLI runs). Returns the output path.
 
     Raises ValueError (incl. conversions.common.ConversionError), FileNotFoundError, FileExistsError, naming the
     flag or file.
     """
     from conversions import common
+
     if not input:
         raise ValueError("--input is required")
     if not output:
@@ -54,6 +65,7 @@ def convert_from_flags(source: str, input: str, output: str, target: str | None 
     np_dtype = common.numpy_dtype(dtype)
     if source == "orbax":
         from conversions import export
+
         if target is None:
             raise ValueError("--target (hf or meta) is required with --source=orbax")
         fn = export.export_hf if target == "hf" else export.export_meta
@@ -61,6 +73,7 @@ def convert_from_flags(source: str, input: str, output: str, target: str | None 
     if target is not None:
         raise ValueError(f"--target is only valid with --source=orbax (got --source={source})")
     import os
+
     if os.path.lexists(output) and not overwrite:
         raise FileExistsError(f"{output}: output already exists (pass --overwrite to replace it)")
     if source == "meta":
@@ -81,6 +94,7 @@ def convert_from_flags(source: str, input: str, output: str, target: str | None 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
     """Runs the tool with parsed flags ``fv``; exits with status 1 (message on stderr) on bad input."""
     from llama_jax.logs import quiet_unless_verbose
+
     quiet_unless_verbose()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -97,6 +111,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
 def run():
     """Console-script entry point ``llama-jax-convert`` (``--help`` prints this module's help, as ``python -m``)."""
     from llama_jax.logs import adopt_main_help
+
     define_flags()
     adopt_main_help(__doc__, __name__)
     app.run(main)

@@ -11,7 +11,7 @@ decoder layer plus the embeddings is resident at a time, with a tqdm progress ba
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -68,6 +68,7 @@ def numpy_dtype(name: str | None):
     if name not in DTYPES:
         raise ConversionError(f"--dtype: {name!r} is not one of {', '.join(DTYPES)}")
     import ml_dtypes
+
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(DTYPES[name])
 
 
@@ -75,6 +76,7 @@ def torch_to_numpy(t) -> np.ndarray:
     """A CPU torch tensor -> numpy array (bfloat16 via ml_dtypes, bit-exact), copying out of any mmap."""
     import ml_dtypes
     import torch
+
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
     return t.contiguous().numpy().copy()
@@ -86,10 +88,11 @@ def bound_malloc() -> None:
     otherwise grows to the largest freed block and resident memory creeps up layer after layer)."""
     import ctypes
     import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 2)         # M_ARENA_MAX
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
 
@@ -124,8 +127,9 @@ class _OutputLock:
     is removed. A second conversion to the same output at the same time is refused."""
 
     def __init__(self, output: str):
-        self.path = os.path.join(os.path.dirname(os.path.abspath(output)) or ".",
-                                 f".{os.path.basename(os.path.abspath(output))}.lock")
+        self.path = os.path.join(
+            os.path.dirname(os.path.abspath(output)) or ".", f".{os.path.basename(os.path.abspath(output))}.lock"
+        )
         self.output = output
         self.fd = None
 
@@ -133,6 +137,7 @@ class _OutputLock:
         import fcntl
         import shutil
         import sys
+
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -148,6 +153,7 @@ class _OutputLock:
 
     def __exit__(self, *exc):
         import fcntl
+
         try:
             os.remove(self.path)
         except OSError:
@@ -159,14 +165,17 @@ class _OutputLock:
 
 def _finfo_max(dtype) -> float:
     import ml_dtypes
+
     return float(ml_dtypes.finfo(dtype).max)
 
 
 def _count_non_finite(a: np.ndarray) -> int:
     flat = a.reshape(-1)
-    step = 1 << 24                      # bounded scratch memory: 16M booleans at a time
-    return sum(int(flat[i:i + step].size - np.count_nonzero(np.isfinite(flat[i:i + step])))
-               for i in range(0, flat.size, step))
+    step = 1 << 24  # bounded scratch memory: 16M booleans at a time
+    return sum(
+        int(flat[i : i + step].size - np.count_nonzero(np.isfinite(flat[i : i + step])))
+        for i in range(0, flat.size, step)
+    )
 
 
 def checked_cast(name: str, value: np.ndarray, dtype, where: str, layer: int | None = None) -> np.ndarray:
@@ -181,9 +190,11 @@ def checked_cast(name: str, value: np.ndarray, dtype, where: str, layer: int | N
     what = f"tensor {name}" + (f" (layer {layer})" if layer is not None else "")
     if out is value or _count_non_finite(value):
         raise ConversionError(f"{where}: {what} holds NaN/inf value(s) in the source checkpoint")
-    raise ConversionError(f"{where}: {what}: {bad} value(s) overflow --dtype={np.dtype(dtype).name} "
-                          f"(its largest finite value is {float(_finfo_max(dtype)):.6g}); choose --dtype=bfloat16 "
-                          "or float32")
+    raise ConversionError(
+        f"{where}: {what}: {bad} value(s) overflow --dtype={np.dtype(dtype).name} "
+        f"(its largest finite value is {float(_finfo_max(dtype)):.6g}); choose --dtype=bfloat16 "
+        "or float32"
+    )
 
 
 def convert(source: Source, output: str, dtype=None, overwrite: bool = False, progress: bool = True) -> str:
@@ -196,13 +207,16 @@ def convert(source: Source, output: str, dtype=None, overwrite: bool = False, pr
     Raises ConversionError naming the tensor when the source holds NaN/inf or the cast to ``dtype`` overflows.
     """
     import tempfile
+
     bound_malloc()
     cfg = source.config
     dtype = np.dtype(dtype or source.dtype)
     where = getattr(source, "path", None) or getattr(source, "dir", None) or "input"
-    with _OutputLock(output), \
-            checkpoint.CheckpointWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer, \
-            tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+    with (
+        _OutputLock(output),
+        checkpoint.CheckpointWriter(output, cfg, dtype=dtype, overwrite=overwrite) as writer,
+        tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar,
+    ):
         for name, w in source.global_tensors():
             writer.write(name, checked_cast(name, layout.torch_to_ours(name, w, cfg), dtype, where))
             bar.update(source.bytes_read - bar.n)

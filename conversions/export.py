@@ -42,6 +42,7 @@ def _contiguous(w: np.ndarray) -> np.ndarray:
 def _torch(w: np.ndarray):
     import ml_dtypes
     import torch
+
     if w.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(np.ascontiguousarray(w).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(w))
@@ -88,9 +89,11 @@ def _stored_tokenizer(path):
 
     Raises ValueError naming the tokenizer directory when its files do not load."""
     from llama_jax.tokenizer import Tokenizer
+
     tok_dir = checkpoint.tokenizer_dir(path)
-    if tok_dir is None or not any(f in ("tokenizer.json", "tokenizer.model") or f.endswith(".gguf")
-                                  for f in os.listdir(tok_dir)):
+    if tok_dir is None or not any(
+        f in ("tokenizer.json", "tokenizer.model") or f.endswith(".gguf") for f in os.listdir(tok_dir)
+    ):
         return None
     try:
         return Tokenizer.from_file(tok_dir)
@@ -143,26 +146,39 @@ def _llama3_tokenizer_json(tok):
     from tokenizers import Tokenizer as TK
 
     from llama_jax.tokenizer import LLAMA3_PAT_STR
+
     ranks = tok._backend.ranks
     spell = _byte_to_unicode()
     text = {b: "".join(spell[x] for x in b) for b in ranks}
     merges = []
     for b, r in ranks.items():
-        pairs = [(ranks[b[:i]], ranks[b[i:]], b[:i], b[i:]) for i in range(1, len(b))
-                 if b[:i] in ranks and b[i:] in ranks]
+        pairs = [
+            (ranks[b[:i]], ranks[b[i:]], b[:i], b[i:]) for i in range(1, len(b)) if b[:i] in ranks and b[i:] in ranks
+        ]
         merges.extend((r, ra, rb, text[x], text[y]) for ra, rb, x, y in pairs)
     merges.sort()
-    tk = TK(models.BPE(vocab={text[b]: r for b, r in ranks.items()}, merges=[(m[3], m[4]) for m in merges],
-                       ignore_merges=True, fuse_unk=False, byte_fallback=False))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk = TK(
+        models.BPE(
+            vocab={text[b]: r for b, r in ranks.items()},
+            merges=[(m[3], m[4]) for m in merges],
+            ignore_merges=True,
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
     specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
     tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, _ in specials])
     bos = tok.decode([tok.bos_id])
-    tk.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                                                      special_tokens=[(bos, tok.bos_id)])
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.bos_id)]
+    )
     return tk
 
 
@@ -178,10 +194,15 @@ def write_hf_tokenizer(tok, directory: str, model_max_length: int | None = None)
     chat template.
     """
     written = []
-    name = lambda i: None if i is None else tok.decode([i])     # noqa: E731
+    name = lambda i: None if i is None else tok.decode([i])  # noqa: E731
     template = tok.chat_template
-    cfg = {"add_bos_token": tok.add_bos_token, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-           "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id)}
+    cfg = {
+        "add_bos_token": tok.add_bos_token,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "bos_token": name(tok.bos_id),
+        "eos_token": name(tok.eos_id),
+    }
     if tok.kind == "hf":
         written += tok._backend.save(directory)
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -201,8 +222,11 @@ def write_hf_tokenizer(tok, directory: str, model_max_length: int | None = None)
     stops = sorted(tok.stop_ids | ({tok.eos_id} if tok.eos_id is not None else set()))
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
     special_map = {k: cfg[k] for k in ("bos_token", "eos_token") if cfg[k] is not None}
-    for fname, obj in (("tokenizer_config.json", cfg), ("special_tokens_map.json", special_map),
-                       ("generation_config.json", gen)):
+    for fname, obj in (
+        ("tokenizer_config.json", cfg),
+        ("special_tokens_map.json", special_map),
+        ("generation_config.json", gen),
+    ):
         path = os.path.join(directory, fname)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -210,17 +234,24 @@ def write_hf_tokenizer(tok, directory: str, model_max_length: int | None = None)
     return written
 
 
-def export_hf(input: str, output: str, dtype=None, overwrite: bool = False, progress: bool = True,
-              max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+def export_hf(
+    input: str,
+    output: str,
+    dtype=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> str:
     """Writes a Hugging Face folder at ``output`` from llama-jax checkpoint ``input``; returns the path.
 
     Raises FileNotFoundError (input incomplete, named), FileExistsError (output exists, no overwrite).
     """
     from safetensors.numpy import save_file
+
     cfg = checkpoint.read_config(input)
     stored = np.dtype(checkpoint.stored_dtype(input))
     out_dtype = np.dtype(dtype) if dtype is not None else stored
-    tokenizer = _stored_tokenizer(input)   # before any output exists: a bad tokenizer leaves nothing behind
+    tokenizer = _stored_tokenizer(input)  # before any output exists: a bad tokenizer leaves nothing behind
     tmp = _start(output, overwrite)
     try:
         shards, current, size = [], {}, 0
@@ -254,7 +285,7 @@ def export_hf(input: str, output: str, dtype=None, overwrite: bool = False, prog
             for k in ("bos_id", "eos_id"):
                 if getattr(tokenizer, k) is not None:
                     hf_config[k.replace("_id", "_token_id")] = getattr(tokenizer, k)
-        else:   # no vocabulary: side files (generation_config.json) as stored
+        else:  # no vocabulary: side files (generation_config.json) as stored
             _copy_tokenizer(input, tmp, names=set(TOKENIZER_FILES))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
@@ -272,8 +303,9 @@ def export_meta(input: str, output: str, dtype=None, overwrite: bool = False, pr
     FileNotFoundError / FileExistsError as :func:`export_hf`.
     """
     import torch
+
     cfg = checkpoint.read_config(input)
-    params = cfg.to_meta_params()          # raises ValueError naming the field first: nothing written yet
+    params = cfg.to_meta_params()  # raises ValueError naming the field first: nothing written yet
     tmp = _start(output, overwrite)
     try:
         sd = {}

@@ -48,6 +48,7 @@ class GGUFSource(Source):
 
     def __init__(self, path: str):
         import gguf
+
         self.path = path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: GGUF file not found")
@@ -61,11 +62,13 @@ class GGUFSource(Source):
             raise ConversionError(f"{path}: general.architecture is {arch!r}, only 'llama' is supported")
         for t in r.tensors:
             if t.tensor_type.name not in SUPPORTED_TYPES:
-                raise ConversionError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, not supported "
-                                      f"(supported: {', '.join(SUPPORTED_TYPES)})")
+                raise ConversionError(
+                    f"{path}: tensor {t.name} has type {t.tensor_type.name}, not supported "
+                    f"(supported: {', '.join(SUPPORTED_TYPES)})"
+                )
         self.config = self._config()
         self._check_names_and_shapes()
-        self.dtype = np.dtype(np.float32)   # dequantized values are float32
+        self.dtype = np.dtype(np.float32)  # dequantized values are float32
         self.total_bytes = sum(int(t.n_bytes) for t in r.tensors if t.name not in IGNORED)
         self.tokenizer_files = []
 
@@ -96,22 +99,27 @@ class GGUFSource(Source):
         dim, vocab = int(emb.shape[0]), int(emb.shape[1])
         n_heads = self._positive("llama.attention.head_count")
         if dim % n_heads:
-            raise ConversionError(f"{self.path}: metadata llama.attention.head_count={n_heads} does not divide the "
-                                  f"embedding width {dim}")
+            raise ConversionError(
+                f"{self.path}: metadata llama.attention.head_count={n_heads} does not divide the embedding width {dim}"
+            )
         k = self.tensors.get("blk.0.attn_k.weight")
         if k is None:
             raise ConversionError(f"{self.path}: tensor blk.0.attn_k.weight is missing")
         head_dim = self._positive("llama.rope.dimension_count", dim // n_heads)
         if int(k.shape[1]) % head_dim:
-            raise ConversionError(f"{self.path}: metadata llama.rope.dimension_count={head_dim} does not divide "
-                                  f"blk.0.attn_k.weight's {int(k.shape[1])} rows")
+            raise ConversionError(
+                f"{self.path}: metadata llama.rope.dimension_count={head_dim} does not divide "
+                f"blk.0.attn_k.weight's {int(k.shape[1])} rows"
+            )
         n_kv = int(k.shape[1]) // head_dim
-        for key, got in (("llama.embedding_length", dim), ("llama.vocab_size", vocab),
-                         ("llama.attention.head_count_kv", n_kv)):
+        for key, got in (
+            ("llama.embedding_length", dim),
+            ("llama.vocab_size", vocab),
+            ("llama.attention.head_count_kv", n_kv),
+        ):
             claimed = f(key, None)
             if claimed is not None and int(claimed) != got:
-                raise ConversionError(f"{self.path}: metadata {key}={claimed} disagrees with the tensor shapes "
-                                      f"({got})")
+                raise ConversionError(f"{self.path}: metadata {key}={claimed} disagrees with the tensor shapes ({got})")
         rope_type = f("llama.rope.scaling.type", "none")
         if rope_type not in ("none", "llama3"):
             raise ConversionError(f"{self.path}: llama.rope.scaling.type {rope_type!r} is not supported")
@@ -119,27 +127,37 @@ class GGUFSource(Source):
         theta = float(f("llama.rope.freq_base", 10000.0))
         scaling = self._rope_scaling(head_dim, theta) if "rope_freqs.weight" in self.tensors else None
         return LlamaConfig(
-            vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+            vocab_size=vocab,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
             hidden_dim=int(ffn.shape[1]) if ffn is not None else int(f("llama.feed_forward_length")),
-            head_dim=head_dim, norm_eps=float(f("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=theta, rope_scaling=scaling, max_seq_len=int(f("llama.context_length", 131072)),
-            tie_word_embeddings="output.weight" not in self.tensors)
+            head_dim=head_dim,
+            norm_eps=float(f("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=int(f("llama.context_length", 131072)),
+            tie_word_embeddings="output.weight" not in self.tensors,
+        )
 
     def _rope_scaling(self, head_dim, theta):
         """llama.cpp stores Llama 3.1 scaling as rope_freqs.weight = per-pair wavelength factors; find the
         RopeScaling that reproduces them (factor from metadata, else 8 or 32), or refuse."""
         from llama_jax.rope import inverse_frequencies
+
         stored = np.asarray(self.tensors["rope_freqs.weight"].data, np.float32).reshape(-1)
         factor = self._field("llama.rope.scaling.factor", None)
         orig = int(self._field("llama.rope.scaling.original_context_length", 8192))
         base = inverse_frequencies(head_dim, theta, None)
-        for fac in ([float(factor)] if factor else [8.0, 32.0]):
+        for fac in [float(factor)] if factor else [8.0, 32.0]:
             s = RopeScaling(factor=fac, original_max_position=orig)
             want = base / inverse_frequencies(head_dim, theta, s)
             if want.shape == stored.shape and np.allclose(want, stored, rtol=1e-3):
                 return s
-        raise ConversionError(f"{self.path}: rope_freqs.weight does not match Llama 3.1 RoPE scaling "
-                              "(factor 8 or 32, low 1, high 4)")
+        raise ConversionError(
+            f"{self.path}: rope_freqs.weight does not match Llama 3.1 RoPE scaling (factor 8 or 32, low 1, high 4)"
+        )
 
     def _check_names_and_shapes(self):
         c = self.config
@@ -157,19 +175,20 @@ class GGUFSource(Source):
 
     def _read(self, key: str, name: str) -> np.ndarray:
         import gguf
+
         t = self.tensors[key]
         self.bytes_read += int(t.n_bytes)
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:
-            raise ConversionError(f"{self.path}: cannot dequantize tensor {key} ({t.tensor_type.name}): {e}")
+            raise ConversionError(f"{self.path}: cannot dequantize tensor {key} ({t.tensor_type.name}): {e}") from None
         w = np.asarray(w, dtype=np.float32).reshape(layout.torch_shape(name, self.config))
         c = self.config
         if name == "layers.attention.q_proj":
             w = layout.interleaved_to_half_split(w, c.n_heads)
         elif name == "layers.attention.k_proj":
             w = layout.interleaved_to_half_split(w, c.n_kv_heads)
-        return np.array(w)   # own copy, not a view of the mapping
+        return np.array(w)  # own copy, not a view of the mapping
 
     def _release(self):
         mm = getattr(self.reader.data, "_mmap", None)
@@ -191,8 +210,10 @@ class GGUFSource(Source):
         """The embedded vocabulary as tokenizer files (``llama_jax.tokenizer.Tokenizer.save``); none when the
         GGUF has no ``tokenizer.ggml.model`` (weights-only file)."""
         from llama_jax.tokenizer import Tokenizer
+
         if "tokenizer.ggml.model" not in self.reader.fields:
             from absl import logging
+
             logging.warning("%s: no embedded tokenizer (tokenizer.ggml.model missing); none stored", self.path)
             return []
         out = os.path.join(workdir, "tokenizer")

@@ -37,18 +37,30 @@ HF_KEYS = {
 }
 OURS_TO_HF = {v: k for k, v in HF_KEYS.items()}
 __doc__ += "\n".join(f"    {k:50s} -> {v}" for k, v in HF_KEYS.items()) + "\n"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
 
 
 # LlamaConfig field -> the config.json key it comes from, so errors name what the user can see in the file
-HF_FIELDS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-             "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
-             "max_seq_len": "max_position_embeddings"}
+HF_FIELDS = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "hidden_dim": "intermediate_size",
+    "norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings",
+}
 
 
 def _hf_names(message: str) -> str:
     import re
+
     return re.sub(r"\b(" + "|".join(HF_FIELDS) + r")\b", lambda m: HF_FIELDS[m.group(1)], message)
 
 
@@ -56,6 +68,7 @@ def _open(path: str, framework: str = "numpy"):
     """``safe_open`` of ``path``: numpy (no torch needed) for headers and float32/float16 tensors; "pt" for
     bfloat16 tensors, which safetensors' numpy reader does not decode."""
     from safetensors import safe_open
+
     try:
         return safe_open(path, framework=framework)
     except FileNotFoundError:
@@ -92,8 +105,9 @@ class HFSource(Source):
         else:
             raise FileNotFoundError(f"{single}: missing (no model.safetensors or model.safetensors.index.json)")
         self._check()
-        self.tokenizer_files = [os.path.join(directory, f) for f in TOKENIZER_FILES
-                                if os.path.isfile(os.path.join(directory, f))]
+        self.tokenizer_files = [
+            os.path.join(directory, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))
+        ]
 
     def _files(self) -> list[str]:
         return sorted(set(self.file_of.values())) if self.file_of else [self._single]
@@ -116,7 +130,7 @@ class HFSource(Source):
         for key, name in HF_KEYS.items():
             if name == "lm_head" and c.tie_word_embeddings:
                 continue
-            for i in (range(c.n_layers) if "{i}" in key else [None]):
+            for i in range(c.n_layers) if "{i}" in key else [None]:
                 want[key.format(i=i) if i is not None else key] = name
         for key, name in want.items():
             if key not in shapes:
@@ -124,6 +138,7 @@ class HFSource(Source):
             check_shape(where[key], key, shapes[key], layout.torch_shape(name, c))
         self.want = want
         import ml_dtypes
+
         natural = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
         self.dtype = np.dtype(natural.get(dtypes.pop(), np.float32) if len(dtypes) == 1 else np.float32)
 
@@ -141,7 +156,7 @@ class HFSource(Source):
                         bf16.append(k)
                         continue
                     try:
-                        out[k] = np.array(f.get_tensor(k))          # own copy, not a view of the mapping
+                        out[k] = np.array(f.get_tensor(k))  # own copy, not a view of the mapping
                     except Exception as e:
                         raise ConversionError(f"{path}: cannot read tensor {k} ({e})") from None
                     self.bytes_read += out[k].nbytes
@@ -149,8 +164,9 @@ class HFSource(Source):
                 try:
                     import torch  # noqa: F401
                 except ImportError:
-                    raise ConversionError(f"{path}: bfloat16 tensors need torch to read "
-                                          "(pip install -e \".[convert]\")") from None
+                    raise ConversionError(
+                        f'{path}: bfloat16 tensors need torch to read (pip install -e ".[convert]")'
+                    ) from None
                 with _open(path, "pt") as f:
                     for k in bf16:
                         try:

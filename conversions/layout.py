@@ -32,6 +32,7 @@ def half_split_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 # ---- torch [out, in] (half-split rows for q/k) <-> llama-jax layouts --------------------------------------------
 
+
 def heads_in(w: np.ndarray, n: int) -> np.ndarray:
     """q/k/v projection [n*H, D] -> [D, n, H]."""
     return w.T.reshape(w.shape[1], n, w.shape[0] // n)
@@ -67,6 +68,7 @@ def identity(w: np.ndarray) -> np.ndarray:
 # ---- the one table: llama-jax parameter name -> (torch -> ours, ours -> torch) --------------------------------
 # Every source reader yields PyTorch-layout [out, in] matrices with q/k rows already in the half-split order (Meta
 # and GGUF readers call interleaved_to_half_split, Hugging Face needs nothing); every exporter takes them back.
+
 
 def _heads(n_attr):
     return (lambda w, c: heads_in(w, getattr(c, n_attr))), (lambda w, c: heads_out(w))
@@ -106,9 +108,16 @@ def torch_shape(name: str, config) -> tuple[int, ...]:
     """Expected PyTorch [out, in] shape of parameter ``name`` (one layer) for ``config``."""
     d, h, f, v = config.dim, config.head_dim, config.hidden_dim, config.vocab_size
     return {
-        "embedder.embedding": (v, d), "final_norm.scale": (d,), "lm_head": (v, d),
-        "layers.attention_norm.scale": (d,), "layers.ffn_norm.scale": (d,),
-        "layers.attention.q_proj": (config.n_heads * h, d), "layers.attention.k_proj": (config.n_kv_heads * h, d),
-        "layers.attention.v_proj": (config.n_kv_heads * h, d), "layers.attention.o_proj": (d, config.n_heads * h),
-        "layers.mlp.gate_proj": (f, d), "layers.mlp.up_proj": (f, d), "layers.mlp.down_proj": (d, f),
+        "embedder.embedding": (v, d),
+        "final_norm.scale": (d,),
+        "lm_head": (v, d),
+        "layers.attention_norm.scale": (d,),
+        "layers.ffn_norm.scale": (d,),
+        "layers.attention.q_proj": (config.n_heads * h, d),
+        "layers.attention.k_proj": (config.n_kv_heads * h, d),
+        "layers.attention.v_proj": (config.n_kv_heads * h, d),
+        "layers.attention.o_proj": (d, config.n_heads * h),
+        "layers.mlp.gate_proj": (f, d),
+        "layers.mlp.up_proj": (f, d),
+        "layers.mlp.down_proj": (d, f),
     }[name]

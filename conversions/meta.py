@@ -57,18 +57,21 @@ def load_pth(path: str):
     """``torch.load(path, mmap=True, weights_only=True)``; ConversionError naming the file when it is not a plain
     tensor checkpoint (malicious or foreign pickle) or is truncated / corrupt."""
     import pickle
+
     import torch
+
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [l.strip() for l in str(e).splitlines() if "global" in l.lower()] or [type(e).__name__]
+        lines = [line.strip() for line in str(e).splitlines() if "global" in line.lower()] or [type(e).__name__]
         first = lines[0][:200]
         raise ConversionError(f"{path}: refused to unpickle: not a plain tensor checkpoint ({first})") from None
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except Exception as e:  # truncated zip, bad magic, ...
-        raise ConversionError(f"{path}: cannot read PyTorch checkpoint, truncated or corrupt "
-                              f"({type(e).__name__}: {str(e).strip()[:200]})") from None
+        raise ConversionError(
+            f"{path}: cannot read PyTorch checkpoint, truncated or corrupt ({type(e).__name__}: {str(e).strip()[:200]})"
+        ) from None
 
 
 class MetaSource(Source):
@@ -114,14 +117,16 @@ class MetaSource(Source):
             headers.append({k: (tuple(v.shape), v.dtype) for k, v in sd.items()})
             del sd
         keys0 = set(headers[0])
-        for p, h in zip(self.shards[1:], headers[1:]):
+        for p, h in zip(self.shards[1:], headers[1:], strict=False):
             diff = sorted(keys0 ^ set(h))
             if diff:
                 raise ConversionError(f"{p}: tensor names differ from {self.shards[0]} (e.g. {diff[0]})")
             for k in sorted(h):
                 if h[k][0] != headers[0][k][0]:
-                    raise ConversionError(f"{p}: tensor {k} has shape {h[k][0]}, but {headers[0][k][0]} in "
-                                          f"{self.shards[0]} (shards with inconsistent shapes)")
+                    raise ConversionError(
+                        f"{p}: tensor {k} has shape {h[k][0]}, but {headers[0][k][0]} in "
+                        f"{self.shards[0]} (shards with inconsistent shapes)"
+                    )
         h0, n = headers[0], len(self.shards)
         p, pf = self.params, self.params_file
         for field in ("dim", "n_layers", "n_heads"):
@@ -143,8 +148,9 @@ class MetaSource(Source):
             raise ConversionError(f"{pf}: field 'dim'={p['dim']} disagrees with the weights (norm.weight: {dim})")
         n_layers = len({k.split(".")[1] for k in h0 if k.startswith("layers.")})
         if n_layers != p["n_layers"]:
-            raise ConversionError(f"{pf}: field 'n_layers'={p['n_layers']} disagrees with the weights "
-                                  f"({n_layers} layers in {first})")
+            raise ConversionError(
+                f"{pf}: field 'n_layers'={p['n_layers']} disagrees with the weights ({n_layers} layers in {first})"
+            )
         n_heads = p["n_heads"]
         head_dim = dim // n_heads
         wo = shape("layers.0.attention.wo.weight")
@@ -153,30 +159,39 @@ class MetaSource(Source):
             if expect_n > n and wo[1] * expect_n == n_heads * head_dim:
                 raise FileNotFoundError(
                     f"{os.path.join(self.dir, f'consolidated.{n:02d}.pth')}: missing shard (the tensor shapes "
-                    f"say {expect_n} model-parallel shards, found {n})")
-            raise ConversionError(f"{pf}: field 'n_heads'={n_heads} disagrees with the weights "
-                                  f"(layers.0.attention.wo.weight is {wo} per shard in {n} shards)")
+                    f"say {expect_n} model-parallel shards, found {n})"
+                )
+            raise ConversionError(
+                f"{pf}: field 'n_heads'={n_heads} disagrees with the weights "
+                f"(layers.0.attention.wo.weight is {wo} per shard in {n} shards)"
+            )
         emb = shape("tok_embeddings.weight")
         if emb[1] == dim:
             self.emb_dim, vocab = 0, emb[0] * n
         elif emb[1] * n == dim:
-            self.emb_dim, vocab = 1, emb[0]            # Llama 2 layout: embedding split on the model dim
+            self.emb_dim, vocab = 1, emb[0]  # Llama 2 layout: embedding split on the model dim
         else:
-            raise ConversionError(f"{first}: tok_embeddings.weight has shape {emb}, which fits neither "
-                                  f"layout for dim {dim} in {n} shards")
+            raise ConversionError(
+                f"{first}: tok_embeddings.weight has shape {emb}, which fits neither layout for dim {dim} in {n} shards"
+            )
         kv_stored = shape("layers.0.attention.wk.weight")[0] * n // head_dim
         hidden = shape("layers.0.feed_forward.w1.weight")[0] * n
         if "vocab_size" in p and p["vocab_size"] != vocab:
-            raise ConversionError(f"{pf}: field 'vocab_size'={p['vocab_size']} disagrees with the weights "
-                                  f"(tok_embeddings.weight gives {vocab})")
+            raise ConversionError(
+                f"{pf}: field 'vocab_size'={p['vocab_size']} disagrees with the weights "
+                f"(tok_embeddings.weight gives {vocab})"
+            )
         claimed_kv = p.get("n_kv_heads") or n_heads
         if claimed_kv != kv_stored:
-            raise ConversionError(f"{pf}: field 'n_kv_heads'={claimed_kv} disagrees with the weights "
-                                  f"(layers.0.attention.wk.weight gives {kv_stored} KV heads)")
+            raise ConversionError(
+                f"{pf}: field 'n_kv_heads'={claimed_kv} disagrees with the weights "
+                f"(layers.0.attention.wk.weight gives {kv_stored} KV heads)"
+            )
         want_hidden = ffn_hidden_dim(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier"))
         if want_hidden != hidden:
-            raise ConversionError(f"{pf}: fields 'ffn_dim_multiplier'/'multiple_of' give hidden width "
-                                  f"{want_hidden}, the weights {hidden}")
+            raise ConversionError(
+                f"{pf}: fields 'ffn_dim_multiplier'/'multiple_of' give hidden width {want_hidden}, the weights {hidden}"
+            )
         self.n_shards = n
         self.dedupe_kv = False
         kv = kv_stored
@@ -205,8 +220,10 @@ class MetaSource(Source):
                     c = self.emb_dim if name == "embedder.embedding" else cat
                     want[c] //= n
                 if tuple(got) != tuple(want):
-                    raise ConversionError(f"{first}: tensor {k} has shape {tuple(got)}, expected {tuple(want)} "
-                                          f"for params.json and {n} shard(s)")
+                    raise ConversionError(
+                        f"{first}: tensor {k} has shape {tuple(got)}, expected {tuple(want)} "
+                        f"for params.json and {n} shard(s)"
+                    )
         dtypes = {d for h in headers for _, d in h.values()}
         self.dtype = np.dtype(torch_to_numpy(_empty(dtypes.pop())).dtype) if len(dtypes) == 1 else np.float32
         self.total_bytes = sum(os.path.getsize(s) for s in self.shards)
@@ -216,10 +233,11 @@ class MetaSource(Source):
         parts = [torch_to_numpy(sd[key]) for sd in sds]
         self.bytes_read += sum(x.nbytes for x in parts)
         if cat is None:
-            for s, x in zip(self.shards[1:], parts[1:]):
+            for s, x in zip(self.shards[1:], parts[1:], strict=False):
                 if not np.allclose(x.astype(np.float32), parts[0].astype(np.float32), atol=NORM_TOLERANCE, rtol=0):
-                    raise ConversionError(f"{s}: replicated tensor {key} differs from {self.shards[0]} by more "
-                                          f"than {NORM_TOLERANCE}")
+                    raise ConversionError(
+                        f"{s}: replicated tensor {key} differs from {self.shards[0]} by more than {NORM_TOLERANCE}"
+                    )
             return parts[0]
         if name == "embedder.embedding":
             cat = self.emb_dim
@@ -229,8 +247,9 @@ class MetaSource(Source):
             h = self.config.head_dim
             heads = w.reshape(self.kv_stored, h, -1)
             if not np.array_equal(heads[0::2], heads[1::2]):
-                raise ConversionError(f"{self.dir}: {key}: duplicated KV heads (MP{self.n_shards}) are not "
-                                      "pairwise identical")
+                raise ConversionError(
+                    f"{self.dir}: {key}: duplicated KV heads (MP{self.n_shards}) are not pairwise identical"
+                )
             w = np.ascontiguousarray(heads[0::2]).reshape(-1, w.shape[1])
         return w
 
@@ -241,13 +260,13 @@ class MetaSource(Source):
 
     def global_tensors(self):
         sds = [load_pth(s) for s in self.shards]
-        for key, (name, cat, rope) in META_KEYS.items():
+        for key, (name, cat, _rope) in META_KEYS.items():
             if "{i}" not in key:
                 yield name, self._merged(sds, key, name, cat)
         del sds
 
     def layer_tensors(self, i):
-        sds = [load_pth(s) for s in self.shards]   # re-opened per layer: the previous mapping is released
+        sds = [load_pth(s) for s in self.shards]  # re-opened per layer: the previous mapping is released
         for key, (name, cat, rope) in META_KEYS.items():
             if "{i}" in key:
                 k = key.format(i=i)
@@ -257,4 +276,5 @@ class MetaSource(Source):
 
 def _empty(torch_dtype):
     import torch
+
     return torch.empty(0, dtype=torch_dtype)

@@ -17,20 +17,30 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def meta_params(dim: int, n_layers: int, vocab: int) -> dict:
     n_heads = max(1, dim // 64)
-    return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=max(1, n_heads // 4), vocab_size=vocab,
-                multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+    return dict(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=max(1, n_heads // 4),
+        vocab_size=vocab,
+        multiple_of=256,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        use_scaled_rope=True,
+    )
 
 
 def layer_bytes(params: dict, itemsize: int = 2) -> int:
     """Bytes of one decoder layer's weights (all shards together)."""
     from llama_jax.config import LlamaConfig
+
     c = LlamaConfig.from_meta_params(params)
     return itemsize * (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.hidden_dim + 2 * c.dim)
 
@@ -38,11 +48,13 @@ def layer_bytes(params: dict, itemsize: int = 2) -> int:
 def make_meta_checkpoint(directory: str, params: dict, shards: int, dtype: str = "bfloat16", seed: int = 0) -> int:
     """Writes a Meta-layout model-parallel checkpoint with random weights; returns its size in bytes."""
     import torch
+
     from llama_jax.config import LlamaConfig
+
     c = LlamaConfig.from_meta_params(params)
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
-    block = torch.randn(1 << 20, generator=gen).to(tdtype)   # tiled: fast to make, not all-equal
+    block = torch.randn(1 << 20, generator=gen).to(tdtype)  # tiled: fast to make, not all-equal
 
     def rand(*shape):
         n = 1
@@ -57,8 +69,11 @@ def make_meta_checkpoint(directory: str, params: dict, shards: int, dtype: str =
     with open(os.path.join(directory, "params.json"), "w") as f:
         json.dump(params, f)
     for r in range(s):
-        sd = {"tok_embeddings.weight": rand(c.vocab_size // s, d), "norm.weight": torch.ones(d, dtype=tdtype),
-              "output.weight": rand(c.vocab_size // s, d)}
+        sd = {
+            "tok_embeddings.weight": rand(c.vocab_size // s, d),
+            "norm.weight": torch.ones(d, dtype=tdtype),
+            "output.weight": rand(c.vocab_size // s, d),
+        }
         for i in range(c.n_layers):
             p = f"layers.{i}."
             sd[p + "attention.wq.weight"] = rand(c.n_heads * h // s, d)
@@ -91,8 +106,9 @@ print(json.dumps({"seconds": seconds, "peak_rss": hwm}))
 def measure_conversion(input_dir: str, output_dir: str) -> dict:
     """Converts in a fresh Python process; returns {"seconds", "peak_rss" (bytes)}."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", _CHILD, input_dir, output_dir], capture_output=True, text=True,
-                       env=env, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD, input_dir, output_dir], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if r.returncode != 0:
         raise RuntimeError(f"conversion of {input_dir} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -113,6 +129,7 @@ def run_bench(dim: int, layers: list[int], shards: int, vocab: int, workdir: str
 
 def main(argv=None):
     from absl import app, flags
+
     flags.DEFINE_integer("dim", 2048, "Model width.")
     flags.DEFINE_list("layers", ["4", "32"], "Depths to compare (first is the baseline).")
     flags.DEFINE_integer("shards", 2, "Model-parallel shards of the synthetic Meta checkpoint.")
@@ -127,13 +144,17 @@ def main(argv=None):
         print(f"dim {F.dim}, {F.shards} shards, {F.dtype}, vocab {F.vocab}")
         print(f"{'layers':>6} {'ckpt GB':>8} {'layer MB':>9} {'seconds':>8} {'GB/s':>6} {'peak RSS MB':>12}")
         for r in rows:
-            print(f"{r['layers']:>6} {r['bytes'] / 1e9:>8.2f} {r['layer_bytes'] / 1e6:>9.1f} {r['seconds']:>8.1f} "
-                  f"{r['bytes'] / 1e9 / r['seconds']:>6.2f} {r['peak_rss'] / 1e6:>12.0f}")
+            print(
+                f"{r['layers']:>6} {r['bytes'] / 1e9:>8.2f} {r['layer_bytes'] / 1e6:>9.1f} {r['seconds']:>8.1f} "
+                f"{r['bytes'] / 1e9 / r['seconds']:>6.2f} {r['peak_rss'] / 1e6:>12.0f}"
+            )
         base, deep = rows[0], rows[-1]
         limit = base["peak_rss"] + 2 * deep["layer_bytes"]
-        print(f"peak({deep['layers']}) - peak({base['layers']}) = {(deep['peak_rss'] - base['peak_rss']) / 1e6:.0f} MB"
-              f"; limit two layers = {2 * deep['layer_bytes'] / 1e6:.0f} MB -> "
-              f"{'OK' if deep['peak_rss'] <= limit else 'EXCEEDED'}")
+        print(
+            f"peak({deep['layers']}) - peak({base['layers']}) = {(deep['peak_rss'] - base['peak_rss']) / 1e6:.0f} MB"
+            f"; limit two layers = {2 * deep['layer_bytes'] / 1e6:.0f} MB -> "
+            f"{'OK' if deep['peak_rss'] <= limit else 'EXCEEDED'}"
+        )
         if not F.workdir:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -37,7 +37,7 @@ flags.DEFINE_string("worker", None, "Internal: measure one engine:precision in t
 flags.DEFINE_string("gguf_dir", None, "Where the F32 / Q8_0 GGUFs are written (default: the llama-jax cache).")
 
 CACHE_LEN = 1024
-SHORT = 16          # prompt length of the decode runs
+SHORT = 16  # prompt length of the decode runs
 
 
 def median_time(fn, repeats):
@@ -65,6 +65,7 @@ def measure_bandwidth(repeats):
     """Read bandwidth in bytes/s: a jitted sum over a 1 GiB float32 array."""
     import jax
     import jax.numpy as jnp
+
     x = jnp.ones((256, 1024, 1024), jnp.float32)
     f = jax.jit(lambda a: jnp.sum(a, axis=(1, 2)))
     f(x).block_until_ready()
@@ -78,6 +79,7 @@ def write_gguf(src: str, dst: str, qtype_name: str) -> str:
     existing ``dst`` is reused."""
     import gguf
     import numpy as np
+
     if os.path.isfile(dst):
         return dst
     qtype = gguf.GGMLQuantizationType[qtype_name]
@@ -120,6 +122,7 @@ def worker_ours(precision, prompt, new_tokens, batches, repeats):
     from llama_jax import checkpoint, quant
     from llama_jax.engine import Engine
     from llama_jax.generate import default_checkpoint
+
     ckpt = default_checkpoint(quiet=True)
     if precision == "int8":
         model = quant.load(ckpt, "int8")
@@ -129,11 +132,13 @@ def worker_ours(precision, prompt, new_tokens, batches, repeats):
     engine = Engine(model, max_length=2048)
     out = {"weight_bytes": weight_bytes}
     if precision == "float32":
+
         def prefill():
             cache = engine.new_cache(1, CACHE_LEN)
             out["kv_bytes"] = cache.nbytes()
             _, logits = engine.prefill([prompt], cache)
             logits.block_until_ready()
+
         prefill()
         out["prefill"] = len(prompt) / median_time(prefill, repeats)
     for b in batches if precision == "float32" else [1]:
@@ -146,6 +151,7 @@ def worker_ours(precision, prompt, new_tokens, batches, repeats):
             ds = engine.loop(ds)
             ds.tokens.block_until_ready()
             return time.perf_counter() - t
+
         decode()
         out[f"decode_b{b}"] = b * (new_tokens - 1) / statistics.median(decode() for _ in range(repeats))
         if b == 1:
@@ -155,23 +161,34 @@ def worker_ours(precision, prompt, new_tokens, batches, repeats):
 
 def worker_llamacpp(precision, prompt, new_tokens, batches, repeats, gguf_path):
     import llama_cpp
-    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=CACHE_LEN, n_batch=512, n_ubatch=512,
-                          n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(), verbose=False)
+
+    llm = llama_cpp.Llama(
+        model_path=gguf_path,
+        n_ctx=CACHE_LEN,
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=os.cpu_count(),
+        n_threads_batch=os.cpu_count(),
+        verbose=False,
+    )
     out = {"weight_bytes": os.path.getsize(gguf_path)}
     if precision == "F32":
+
         def prefill():
             llm.reset()
             llm.eval(prompt)
+
         prefill()
         out["prefill"] = len(prompt) / median_time(prefill, repeats)
 
     def decode():
         gen = llm.generate(prompt[:SHORT], top_k=1, temp=0.0, reset=True)
-        next(gen)                                                      # prefill + first token
+        next(gen)  # prefill + first token
         t = time.perf_counter()
         for _ in range(new_tokens - 1):
             next(gen)
         return time.perf_counter() - t
+
     decode()
     out["decode_b1"] = (new_tokens - 1) / statistics.median(decode() for _ in range(repeats))
     out["rss"] = peak_rss_bytes()
@@ -181,9 +198,11 @@ def worker_llamacpp(precision, prompt, new_tokens, batches, repeats, gguf_path):
 def worker_hf(prompt, new_tokens, batches, repeats, gguf):
     import torch
     import transformers
+
     torch.set_num_threads(os.cpu_count())
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32).eval()
+        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
+    ).eval()
     out = {}
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -193,10 +212,15 @@ def worker_hf(prompt, new_tokens, batches, repeats, gguf):
             batch = torch.tensor([prompt[:SHORT]] * b)
             kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
             hf.generate(batch, max_new_tokens=2, min_new_tokens=2, **kw)
-            one = median_time(lambda batch=batch, kw=kw: hf.generate(batch, max_new_tokens=1, min_new_tokens=1,
-                                                                     **kw), repeats)
-            full = median_time(lambda batch=batch, kw=kw: hf.generate(
-                batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw), repeats)
+            one = median_time(
+                lambda batch=batch, kw=kw: hf.generate(batch, max_new_tokens=1, min_new_tokens=1, **kw), repeats
+            )
+            full = median_time(
+                lambda batch=batch, kw=kw: hf.generate(
+                    batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw
+                ),
+                repeats,
+            )
             out[f"decode_b{b}"] = b * (new_tokens - 1) / max(full - one, 1e-9)
             if b == 1:
                 out["rss"] = peak_rss_bytes()
@@ -205,8 +229,14 @@ def worker_hf(prompt, new_tokens, batches, repeats, gguf):
 
 def run_worker(spec: str) -> dict:
     """Runs one measurement in a fresh process (this script with --worker=spec); returns its JSON result."""
-    argv = [sys.executable, os.path.abspath(__file__), f"--worker={spec}", f"--new_tokens={FLAGS.new_tokens}",
-            f"--prompt_tokens={FLAGS.prompt_tokens}", f"--repeats={FLAGS.repeats}"]
+    argv = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--worker={spec}",
+        f"--new_tokens={FLAGS.new_tokens}",
+        f"--prompt_tokens={FLAGS.prompt_tokens}",
+        f"--repeats={FLAGS.repeats}",
+    ]
     argv += [f"--batch={b}" for b in FLAGS.batch]
     if FLAGS.gguf_dir:
         argv.append(f"--gguf_dir={FLAGS.gguf_dir}")
@@ -221,16 +251,21 @@ def run_worker(spec: str) -> dict:
 def gguf_paths() -> dict:
     from llama_jax import assets
     from llama_jax.generate import cache_root
+
     src = assets.smollm2_gguf_path()
     d = FLAGS.gguf_dir or os.path.join(cache_root(), "bench")
     os.makedirs(d, exist_ok=True)
-    return {"src": src, "F32": os.path.join(d, "smollm2-135m-instruct-f32.gguf"),
-            "Q8_0": os.path.join(d, "smollm2-135m-instruct-q8_0.gguf")}
+    return {
+        "src": src,
+        "F32": os.path.join(d, "smollm2-135m-instruct-f32.gguf"),
+        "Q8_0": os.path.join(d, "smollm2-135m-instruct-q8_0.gguf"),
+    }
 
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     import numpy as np
+
     prompt = np.random.default_rng(0).integers(100, 40000, FLAGS.prompt_tokens).tolist()
     if FLAGS.worker:
         engine, _, precision = FLAGS.worker.partition(":")
@@ -239,8 +274,9 @@ def main(argv):
         elif engine == "llama-jax":
             out = worker_ours(precision, prompt, FLAGS.new_tokens, FLAGS.batch, FLAGS.repeats)
         elif engine == "llama.cpp":
-            out = worker_llamacpp(precision, prompt, FLAGS.new_tokens, FLAGS.batch, FLAGS.repeats,
-                                  gguf_paths()[precision])
+            out = worker_llamacpp(
+                precision, prompt, FLAGS.new_tokens, FLAGS.batch, FLAGS.repeats, gguf_paths()[precision]
+            )
         elif engine == "transformers":
             out = worker_hf(prompt, FLAGS.new_tokens, FLAGS.batch, FLAGS.repeats, gguf_paths()["src"])
         else:
@@ -260,9 +296,12 @@ def main(argv):
         paths = gguf_paths()
         for q in ("F32", "Q8_0"):
             write_gguf(paths["src"], paths[q], q)
-    bandwidth = run_worker("bandwidth")["bandwidth"]          # in its own process too: this one stays small
-    ours = {p: run_worker(f"llama-jax:{p}") for p in ("float32", "bfloat16", "int8")} \
-        if "llama-jax" in FLAGS.engines else {}
+    bandwidth = run_worker("bandwidth")["bandwidth"]  # in its own process too: this one stays small
+    ours = (
+        {p: run_worker(f"llama-jax:{p}") for p in ("float32", "bfloat16", "int8")}
+        if "llama-jax" in FLAGS.engines
+        else {}
+    )
     cpp = {p: run_worker(f"llama.cpp:{p}") for p in ("F32", "Q8_0")} if "llama.cpp" in FLAGS.engines else {}
     hf = run_worker("transformers:float32") if "transformers" in FLAGS.engines else {}
 
@@ -270,38 +309,73 @@ def main(argv):
         for k in keys:
             d = (d or {}).get(k)
         return d
+
     f32 = ours.get("float32", {})
     rows = [  # label, ours, llama.cpp, transformers, ratio baseline, limit
-        (f"prefill tok/s ({FLAGS.prompt_tokens}-token prompt)", get(f32, "prefill"), get(cpp, "F32", "prefill"),
-         hf.get("prefill"), get(cpp, "F32", "prefill"), None)]
+        (
+            f"prefill tok/s ({FLAGS.prompt_tokens}-token prompt)",
+            get(f32, "prefill"),
+            get(cpp, "F32", "prefill"),
+            hf.get("prefill"),
+            get(cpp, "F32", "prefill"),
+            None,
+        )
+    ]
     for p, c in (("float32", "F32"), ("bfloat16", None), ("int8", "Q8_0")):
         o = get(ours, p, "decode_b1")
         wb = get(ours, p, "weight_bytes")
-        rows.append((f"decode tok/s, batch 1, {p}", o, get(cpp, c, "decode_b1") if c else None,
-                     hf.get("decode_b1") if p == "float32" else None,
-                     get(cpp, c, "decode_b1") if c else get(f32, "decode_b1"), wb and bandwidth / wb))
+        rows.append(
+            (
+                f"decode tok/s, batch 1, {p}",
+                o,
+                get(cpp, c, "decode_b1") if c else None,
+                hf.get("decode_b1") if p == "float32" else None,
+                get(cpp, c, "decode_b1") if c else get(f32, "decode_b1"),
+                wb and bandwidth / wb,
+            )
+        )
     if big > 1:
-        rows.append((f"decode tok/s, batch {big}, float32", get(f32, f"decode_b{big}"), None,
-                     hf.get(f"decode_b{big}"), hf.get(f"decode_b{big}"), None))
+        rows.append(
+            (
+                f"decode tok/s, batch {big}, float32",
+                get(f32, f"decode_b{big}"),
+                None,
+                hf.get(f"decode_b{big}"),
+                hf.get(f"decode_b{big}"),
+                None,
+            )
+        )
     mb = 1e6
     rss_limit = (get(f32, "weight_bytes") or 0) + (get(f32, "kv_bytes") or 0)
-    rows.append(("peak RSS MB, float32 (load + batch 1)", get(f32, "rss") and f32["rss"] / mb,
-                 get(cpp, "F32", "rss") and cpp["F32"]["rss"] / mb, hf.get("rss") and hf["rss"] / mb,
-                 get(cpp, "F32", "rss") and cpp["F32"]["rss"] / mb, rss_limit / mb or None))
+    rows.append(
+        (
+            "peak RSS MB, float32 (load + batch 1)",
+            get(f32, "rss") and f32["rss"] / mb,
+            get(cpp, "F32", "rss") and cpp["F32"]["rss"] / mb,
+            hf.get("rss") and hf["rss"] / mb,
+            get(cpp, "F32", "rss") and cpp["F32"]["rss"] / mb,
+            rss_limit / mb or None,
+        )
+    )
 
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"                        # noqa: E731
-    print(f"\nSmolLM2-135M-Instruct, CPU x{os.cpu_count()}; float32 weights "
-          f"{(get(f32, 'weight_bytes') or 0) / mb:.0f} MB; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"{FLAGS.new_tokens} new tokens, median of {FLAGS.repeats}")
-    print(f"| {'figure':40} | {'llama-jax':>9} | {'llama.cpp':>9} | {'transformers':>12} | {'ratio':>6} | "
-          f"{'limit':>7} |")
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    print(
+        f"\nSmolLM2-135M-Instruct, CPU x{os.cpu_count()}; float32 weights "
+        f"{(get(f32, 'weight_bytes') or 0) / mb:.0f} MB; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"{FLAGS.new_tokens} new tokens, median of {FLAGS.repeats}"
+    )
+    print(
+        f"| {'figure':40} | {'llama-jax':>9} | {'llama.cpp':>9} | {'transformers':>12} | {'ratio':>6} | {'limit':>7} |"
+    )
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 14}|{'-' * 8}|{'-' * 9}|")
     for label, o, c, h, base, lim in rows:
         ratio = "-" if o is None or not base else f"{o / base:.2f}x"
         print(f"| {label:40} | {fmt(o):>9} | {fmt(c):>9} | {fmt(h):>12} | {ratio:>6} | {fmt(lim):>7} |")
-    print("\nratio: llama-jax / llama.cpp at the same precision (F32, Q8_0); bfloat16: / llama-jax float32; "
-          f"batch {big}: / transformers; RSS: / llama.cpp F32 (lower is better). limit: decode tok/s at the read "
-          "bandwidth (weight bytes per token), RSS: weight + KV cache bytes.")
+    print(
+        "\nratio: llama-jax / llama.cpp at the same precision (F32, Q8_0); bfloat16: / llama-jax float32; "
+        f"batch {big}: / transformers; RSS: / llama.cpp F32 (lower is better). limit: decode tok/s at the read "
+        "bandwidth (weight bytes per token), RSS: weight + KV cache bytes."
+    )
 
 
 if __name__ == "__main__":

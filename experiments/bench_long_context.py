@@ -29,8 +29,11 @@ flags.DEFINE_integer("min_context", 1024, "smallest context")
 flags.DEFINE_integer("decode_tokens", 32, "greedy tokens decoded after each prompt")
 flags.DEFINE_integer("reference_max", 16384, "run the dense einsum path up to this context (0: never)")
 flags.DEFINE_integer("chunk_size", 512, "prefill chunk")
-flags.DEFINE_integer("transformers_max", 16384, "also time transformers (same config, random weights, sdpa) up "
-                     "to this context (0: never)")
+flags.DEFINE_integer(
+    "transformers_max",
+    16384,
+    "also time transformers (same config, random weights, sdpa) up to this context (0: never)",
+)
 flags.DEFINE_integer("dim", 128, "model dim")
 flags.DEFINE_integer("n_layers", 2, "decoder layers")
 flags.DEFINE_integer("n_heads", 4, "query heads")
@@ -43,11 +46,19 @@ FLAGS = flags.FLAGS
 
 def _config():
     from llama_jax.config import LlamaConfig, RopeScaling
-    return LlamaConfig(vocab_size=FLAGS.vocab_size, dim=FLAGS.dim, n_layers=FLAGS.n_layers, n_heads=FLAGS.n_heads,
-                       n_kv_heads=FLAGS.n_kv_heads, hidden_dim=4 * FLAGS.dim, norm_eps=1e-5, rope_theta=500000.0,
-                       max_seq_len=131072,
-                       rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                                original_max_position=8192))
+
+    return LlamaConfig(
+        vocab_size=FLAGS.vocab_size,
+        dim=FLAGS.dim,
+        n_layers=FLAGS.n_layers,
+        n_heads=FLAGS.n_heads,
+        n_kv_heads=FLAGS.n_kv_heads,
+        hidden_dim=4 * FLAGS.dim,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_seq_len=131072,
+        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192),
+    )
 
 
 def _worker(context: int, impl: str) -> dict:
@@ -73,19 +84,27 @@ def _worker(context: int, impl: str) -> dict:
     jax.block_until_ready(engine.prefill([prompt[: FLAGS.chunk_size]], engine.new_cache(1, context)))
     jax.block_until_ready(engine.start([prompt[: FLAGS.chunk_size]], max_new_tokens=n_new).tokens)
     t0 = time.perf_counter()
-    ds = engine.start([prompt], max_new_tokens=n_new)          # chunked prefill + first token
+    ds = engine.start([prompt], max_new_tokens=n_new)  # chunked prefill + first token
     jax.block_until_ready(ds.tokens)
     prefill_s = time.perf_counter() - t0
     cache_bytes = ds.cache.nbytes()
-    loop = engine._decode_loop.lower(engine.params, ds, mode=engine.mode(ds)).compile()   # ahead of time
+    loop = engine._decode_loop.lower(engine.params, ds, mode=engine.mode(ds)).compile()  # ahead of time
     t0 = time.perf_counter()
     ds = loop(engine.params, ds)
     jax.block_until_ready(ds.tokens)
     decode_s = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(context=context, impl=impl, prompt=len(prompt), prefill_s=prefill_s,
-                decode_s=decode_s, decoded=int(np.asarray(ds.num_generated)[0]) - 1, peak_rss=rss,
-                weights=weight_bytes, kv_cache=cache_bytes)
+    return dict(
+        context=context,
+        impl=impl,
+        prompt=len(prompt),
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        decoded=int(np.asarray(ds.num_generated)[0]) - 1,
+        peak_rss=rss,
+        weights=weight_bytes,
+        kv_cache=cache_bytes,
+    )
 
 
 def _worker_transformers(context: int) -> dict:
@@ -98,17 +117,31 @@ def _worker_transformers(context: int) -> dict:
 
     c = _config()
     hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta, max_position_embeddings=c.max_seq_len, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192}, attn_implementation="sdpa")
+        vocab_size=c.vocab_size,
+        hidden_size=c.dim,
+        intermediate_size=c.hidden_dim,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_seq_len,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config).eval()
     n_new = FLAGS.decode_tokens
     ids = torch.tensor([np.random.default_rng(0).integers(0, c.vocab_size, context - n_new).tolist()])
     with torch.no_grad():
-        model(ids[:, :FLAGS.chunk_size])                                  # warm-up
+        model(ids[:, : FLAGS.chunk_size])  # warm-up
         t0 = time.perf_counter()
         out = model(ids, use_cache=True)
         prefill_s = time.perf_counter() - t0
@@ -120,9 +153,17 @@ def _worker_transformers(context: int) -> dict:
         decode_s = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim * 4
-    return dict(context=context, impl="transformers", prompt=ids.shape[1], prefill_s=prefill_s, decode_s=decode_s,
-                decoded=n_new - 1, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                weights=weights, kv_cache=kv)
+    return dict(
+        context=context,
+        impl="transformers",
+        prompt=ids.shape[1],
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        decoded=n_new - 1,
+        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        weights=weights,
+        kv_cache=kv,
+    )
 
 
 def main(argv):
@@ -137,45 +178,61 @@ def main(argv):
         print("error: need 1024 <= --min_context <= --max_context <= 131072", file=sys.stderr)
         return 2
     if FLAGS.decode_tokens < 1 or FLAGS.decode_tokens + FLAGS.chunk_size >= FLAGS.min_context:
-        print("error: --decode_tokens must be >= 1 and leave room for one prefill chunk in --min_context",
-              file=sys.stderr)
+        print(
+            "error: --decode_tokens must be >= 1 and leave room for one prefill chunk in --min_context", file=sys.stderr
+        )
         return 2
     contexts = []
     c = FLAGS.min_context
     while c <= FLAGS.max_context:
         contexts.append(c)
         c *= 2
-    print(f"small random Llama 3.1 (dim {FLAGS.dim}, {FLAGS.n_layers} layers, {FLAGS.n_heads} heads / "
-          f"{FLAGS.n_kv_heads} KV heads, vocab {FLAGS.vocab_size}, rope_scaling factor 8, max_seq_len 131072), "
-          f"chunk {FLAGS.chunk_size}, {FLAGS.decode_tokens} decoded tokens, kv_dtype {FLAGS.kv_dtype or 'float32'}")
-    head = (f"{'context':>8} {'attention':>12} {'prefill s':>10} {'prefill tok/s':>14} {'decode tok/s':>13} "
-            f"{'peak RSS GB':>12} {'bound GB':>9} {'ok':>3}")
+    print(
+        f"small random Llama 3.1 (dim {FLAGS.dim}, {FLAGS.n_layers} layers, {FLAGS.n_heads} heads / "
+        f"{FLAGS.n_kv_heads} KV heads, vocab {FLAGS.vocab_size}, rope_scaling factor 8, max_seq_len 131072), "
+        f"chunk {FLAGS.chunk_size}, {FLAGS.decode_tokens} decoded tokens, kv_dtype {FLAGS.kv_dtype or 'float32'}"
+    )
+    head = (
+        f"{'context':>8} {'attention':>12} {'prefill s':>10} {'prefill tok/s':>14} {'decode tok/s':>13} "
+        f"{'peak RSS GB':>12} {'bound GB':>9} {'ok':>3}"
+    )
     # decode tok/s: tokens after the first (which comes with the prefill) over the decode time
     print(head)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
+    )
     passed_flags = [a for a in sys.argv[1:] if not a.startswith("--worker")]
     failed = False
     for context in contexts:
-        impls = (["blockwise"] + (["reference"] if context <= FLAGS.reference_max else [])
-                 + (["transformers"] if context <= FLAGS.transformers_max else []))
+        impls = (
+            ["blockwise"]
+            + (["reference"] if context <= FLAGS.reference_max else [])
+            + (["transformers"] if context <= FLAGS.transformers_max else [])
+        )
         for impl in impls:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *passed_flags,
-                                   f"--worker={context},{impl}"], capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *passed_flags, f"--worker={context},{impl}"],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 print(f"{context:>8} {impl:>12} failed: {tail}")
                 failed = True
                 continue
-            r = json.loads(lines[-1][len("RESULT "):])
+            r = json.loads(lines[-1][len("RESULT ") :])
             bound = r["weights"] + r["kv_cache"] + 1e9
             ok = r["peak_rss"] <= bound
             failed |= impl == "blockwise" and not ok
-            print(f"{context:>8} {impl:>12} {r['prefill_s']:>10.2f} {r['prompt'] / r['prefill_s']:>14.0f} "
-                  f"{r['decoded'] / r['decode_s']:>13.1f} {r['peak_rss'] / 1e9:>12.2f} {bound / 1e9:>9.2f} "
-                  f"{'yes' if ok else 'NO':>3}", flush=True)
+            print(
+                f"{context:>8} {impl:>12} {r['prefill_s']:>10.2f} {r['prompt'] / r['prefill_s']:>14.0f} "
+                f"{r['decoded'] / r['decode_s']:>13.1f} {r['peak_rss'] / 1e9:>12.2f} {bound / 1e9:>9.2f} "
+                f"{'yes' if ok else 'NO':>3}",
+                flush=True,
+            )
     return 1 if failed else 0
 
 

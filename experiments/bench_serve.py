@@ -73,9 +73,17 @@ def _percentile(xs, q):
 
 def _one_request(base: str, system: str, i: int, timeout: float) -> dict:
     import httpx
-    body = {"model": None, "messages": [{"role": "system", "content": system},
-                                        {"role": "user", "content": f"Question {i}: name a colour."}],
-            "max_tokens": FLAGS.max_tokens, "temperature": 0, "stream": True}
+
+    body = {
+        "model": None,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"Question {i}: name a colour."},
+        ],
+        "max_tokens": FLAGS.max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     body.pop("model")
     t0 = time.perf_counter()
     times, reason, done = [], None, False
@@ -98,10 +106,11 @@ def _one_request(base: str, system: str, i: int, timeout: float) -> dict:
 
 def load_test(base: str, label: str) -> dict:
     import httpx
+
     host = urllib.parse.urlparse(base).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"error: --url: {base}: only loopback servers may be benchmarked")
-    words = "the quick brown fox jumps over the lazy dog and then".split()     # about one token per word
+    words = "the quick brown fox jumps over the lazy dog and then".split()  # about one token per word
     system = " ".join(words[i % len(words)] for i in range(FLAGS.system_tokens))
     results: list[dict] = []
     lock = threading.Lock()
@@ -126,29 +135,52 @@ def load_test(base: str, label: str) -> dict:
     good = [r for r in results if r.get("ok")]
     for r in results:
         if not r.get("ok"):
-            print(f"warning: {label}: a request failed: {r.get('status') or r.get('error') or 'incomplete'}",
-                  file=sys.stderr)
+            print(
+                f"warning: {label}: a request failed: {r.get('status') or r.get('error') or 'incomplete'}",
+                file=sys.stderr,
+            )
     ttft = [r["times"][0] - r["t0"] for r in good if r["times"]]
     tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in good if len(r["times"]) > 1]
     after = httpx.get(base + "/health", timeout=30).json()
-    health = {k: after.get(k, 0) - before.get(k, 0) for k in ("tokens_generated", "prompt_tokens_prefilled",
-                                                                "prefix_cache_hit_tokens")}
+    health = {
+        k: after.get(k, 0) - before.get(k, 0)
+        for k in ("tokens_generated", "prompt_tokens_prefilled", "prefix_cache_hit_tokens")
+    }
     tokens = sum(len(r["times"]) for r in good)
-    return {"config": label, "requests": len(results), "complete": len(good), "wall_s": wall,
-            "req_s": len(good) / wall, "out_chunks_s": tokens / wall,
-            "tokens_generated": health.get("tokens_generated"), "tok_s": (health.get("tokens_generated") or 0) / wall,
-            "ttft_p50": _percentile(ttft, 0.5), "ttft_p99": _percentile(ttft, 0.99),
-            "tpot_p50": _percentile(tpot, 0.5), "tpot_p99": _percentile(tpot, 0.99),
-            "prefilled": health.get("prompt_tokens_prefilled"), "prefix_hits": health.get("prefix_cache_hit_tokens", 0)}
+    return {
+        "config": label,
+        "requests": len(results),
+        "complete": len(good),
+        "wall_s": wall,
+        "req_s": len(good) / wall,
+        "out_chunks_s": tokens / wall,
+        "tokens_generated": health.get("tokens_generated"),
+        "tok_s": (health.get("tokens_generated") or 0) / wall,
+        "ttft_p50": _percentile(ttft, 0.5),
+        "ttft_p99": _percentile(ttft, 0.99),
+        "tpot_p50": _percentile(tpot, 0.5),
+        "tpot_p99": _percentile(tpot, 0.99),
+        "prefilled": health.get("prompt_tokens_prefilled"),
+        "prefix_hits": health.get("prefix_cache_hit_tokens", 0),
+    }
 
 
 def _start_server(extra: list[str]):
     import httpx
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, "-m", "llama_jax.serve", "--host=127.0.0.1", f"--port={port}",
-            f"--max_batch={FLAGS.max_batch}", f"--max_length={FLAGS.max_length}", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "llama_jax.serve",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--max_batch={FLAGS.max_batch}",
+        f"--max_length={FLAGS.max_length}",
+        *extra,
+    ]
     if FLAGS.checkpoint:
         args.append(f"--checkpoint={FLAGS.checkpoint}")
     proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
@@ -171,8 +203,10 @@ def main(argv):
         length, _, count = part.partition("x")
         mix += [int(length)] * int(count or 1)
     fit = concurrency_fit(mix, FLAGS.fit_budget, FLAGS.fit_max_length, 16)
-    print(f"concurrency fit, budget {fit['budget_tokens']} slots, mix {FLAGS.mix}: dense {fit['dense']} rows "
-          f"(each reserves {FLAGS.fit_max_length}), paged {fit['paged']} rows (pages of {fit['page_size']})")
+    print(
+        f"concurrency fit, budget {fit['budget_tokens']} slots, mix {FLAGS.mix}: dense {fit['dense']} rows "
+        f"(each reserves {FLAGS.fit_max_length}), paged {fit['paged']} rows (pages of {fit['page_size']})"
+    )
     rows = []
     if FLAGS.url:
         rows.append(load_test(FLAGS.url.rstrip("/"), "given"))
@@ -186,15 +220,20 @@ def main(argv):
             finally:
                 proc.terminate()
                 proc.wait(120)
-    print(f"{FLAGS.clients} clients x {FLAGS.requests} requests, {FLAGS.max_tokens} new tokens, "
-          f"{FLAGS.system_tokens}-word shared system prompt")
-    print("| config | complete | req/s | out tok/s | TTFT p50 / p99 s | per-token p50 / p99 s | prefilled | "
-          "prefix hits |")
+    print(
+        f"{FLAGS.clients} clients x {FLAGS.requests} requests, {FLAGS.max_tokens} new tokens, "
+        f"{FLAGS.system_tokens}-word shared system prompt"
+    )
+    print(
+        "| config | complete | req/s | out tok/s | TTFT p50 / p99 s | per-token p50 / p99 s | prefilled | prefix hits |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['complete']}/{r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | "
-              f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['tpot_p50']:.3f} / {r['tpot_p99']:.3f} | "
-              f"{r['prefilled']} | {r['prefix_hits']} |")
+        print(
+            f"| {r['config']} | {r['complete']}/{r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | "
+            f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['tpot_p50']:.3f} / {r['tpot_p99']:.3f} | "
+            f"{r['prefilled']} | {r['prefix_hits']} |"
+        )
     return 0 if all(r["complete"] == r["requests"] for r in rows) else 1
 
 

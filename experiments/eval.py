@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import app, flags
 
@@ -46,9 +46,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("stride", 128, "Tokens between window starts (<= --window).")
     flags.DEFINE_string("mc", None, "JSONL file of multiple-choice questions.")
     flags.DEFINE_bool("mc_normalize", False, "Rank choices by mean instead of summed token log-likelihood.")
-    flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"],
-                      "Malformed JSONL line: exit 1 naming file:line (default, as in llama_jax.generate), or "
-                      "report and skip.")
+    flags.DEFINE_enum(
+        "on_bad_line",
+        "error",
+        ["error", "skip"],
+        "Malformed JSONL line: exit 1 naming file:line (default, as in llama_jax.generate), or report and skip.",
+    )
     flags.DEFINE_integer("batch_size", 8, "Rows per forward pass.")
     flags.DEFINE_enum("quant", "none", ["none", "int8"], "Weight quantization at load (llama_jax.quant).")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter / compute dtype (default float32 on CPU).")
@@ -70,32 +73,35 @@ class Scorer:
         import jax
         import jax.numpy as jnp
         from flax import nnx
+
         self.batch_size = batch_size
         self.graphdef, self.state = nnx.split(model)
         graphdef = self.graphdef
 
         def fn(state, tokens):
             m = nnx.merge(graphdef, state)
-            logits = m(tokens)                                                  # [B, T, V] float32
+            logits = m(tokens)  # [B, T, V] float32
             logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-            return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]   # [B, T-1]
+            return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+
         self._fn = jax.jit(fn)
 
     def token_logprobs(self, rows: Sequence[Sequence[int]]):
         import jax.numpy as jnp
         import numpy as np
+
         out = []
         for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
+            batch = rows[start : start + self.batch_size]
             longest = max(len(r) for r in batch)
             t = MIN_BUCKET
             while t < longest:
                 t *= 2
             block = np.zeros((self.batch_size, t), np.int32)
             for i, r in enumerate(batch):
-                block[i, :len(r)] = r
+                block[i, : len(r)] = r
             lp = np.asarray(self._fn(self.state, jnp.asarray(block)), np.float64)
-            out += [lp[i, :len(r) - 1] for i, r in enumerate(batch)]
+            out += [lp[i, : len(r) - 1] for i, r in enumerate(batch)]
         return out
 
 
@@ -109,7 +115,7 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + window, n_tokens)
-        scored = min(end - prev_end, end - begin - 1)    # a window's first token has no prediction in it
+        scored = min(end - prev_end, end - begin - 1)  # a window's first token has no prediction in it
         if scored > 0:
             out.append((begin, end, scored))
         prev_end = end
@@ -125,7 +131,7 @@ def perplexity(scorer: Scorer, ids: Sequence[int], window: int, stride: int) -> 
     if not wins:
         raise UsageError(f"--text: needs at least 2 tokens, got {len(ids)}")
     lps = scorer.token_logprobs([list(ids[b:e]) for b, e, _ in wins])
-    nll = -sum(float(lp[-k:].sum()) for lp, (_, _, k) in zip(lps, wins))
+    nll = -sum(float(lp[-k:].sum()) for lp, (_, _, k) in zip(lps, wins, strict=False))
     count = sum(k for _, _, k in wins)
     return {"perplexity": math.exp(nll / count), "nll": nll, "tokens": count, "windows": len(wins)}
 
@@ -181,8 +187,9 @@ def validate_mc(obj) -> dict:
         elif len(answer) == 1 and 0 <= ord(answer.upper()) - ord("A") < len(choices):
             answer = ord(answer.upper()) - ord("A")
     if not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise ValueError(f'"answer" must be an index in [0, {len(choices)}), a letter or a choice, '
-                         f'got {obj.get("answer")!r}')
+        raise ValueError(
+            f'"answer" must be an index in [0, {len(choices)}), a letter or a choice, got {obj.get("answer")!r}'
+        )
     return {"question": q, "choices": choices, "answer": answer}
 
 
@@ -208,7 +215,7 @@ def multiple_choice(scorer: Scorer, tokenizer, records: list[dict], normalize: b
     for rec in records:
         scores = []
         for _ in rec["choices"]:
-            s = float(lps[k][-spans[k]:].sum())
+            s = float(lps[k][-spans[k] :].sum())
             scores.append(s / spans[k] if normalize else s)
             k += 1
         pred = max(range(len(scores)), key=scores.__getitem__)
@@ -220,10 +227,12 @@ def multiple_choice(scorer: Scorer, tokenizer, records: list[dict], normalize: b
 def load_model(checkpoint_path: str | None, quant: str = "none", dtype=None):
     """(model, tokenizer) of a checkpoint (default SmolLM2), weights in ``quant`` form."""
     import jax.numpy as jnp
+
     from llama_jax import checkpoint
     from llama_jax import quant as quant_lib
     from llama_jax.default_model import default_checkpoint
     from llama_jax.tokenizer import Tokenizer
+
     path = checkpoint_path or default_checkpoint(quiet=True)
     if not os.path.isdir(path):
         raise UsageError(f"--checkpoint: {path}: no such directory")
@@ -231,7 +240,7 @@ def load_model(checkpoint_path: str | None, quant: str = "none", dtype=None):
     if tok_dir is None:
         raise UsageError(f"--checkpoint: {path}: no tokenizer/ directory in the checkpoint")
     try:
-        checkpoint.check_arrays(path)              # a missing chunk named before Orbax reads in threads
+        checkpoint.check_arrays(path)  # a missing chunk named before Orbax reads in threads
         model = quant_lib.load(path, quant=quant, dtype=dtype and jnp.dtype(dtype))
         tokenizer = Tokenizer.from_file(tok_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -239,9 +248,12 @@ def load_model(checkpoint_path: str | None, quant: str = "none", dtype=None):
     except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
         while e.__cause__ is not None:
             e = e.__cause__
-        print(f"error: --checkpoint: {path}: damaged parameter array ({str(e).splitlines()[0][:300]})",
-              file=sys.stderr, flush=True)
-        os._exit(1)         # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
+        print(
+            f"error: --checkpoint: {path}: damaged parameter array ({str(e).splitlines()[0][:300]})",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)  # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
     return model, tokenizer
 
 
@@ -250,7 +262,7 @@ def run() -> int:
         raise UsageError("--text or --mc is required")
     if FLAGS.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-    windows(10, FLAGS.window, FLAGS.stride)                  # validates the flags before loading anything
+    windows(10, FLAGS.window, FLAGS.stride)  # validates the flags before loading anything
     records = None
     if FLAGS.mc:
         records = read_jsonl(FLAGS.mc, FLAGS.on_bad_line, validate_mc)
@@ -279,8 +291,10 @@ def run() -> int:
     else:
         if "text" in out:
             t = out["text"]
-            print(f"perplexity {t['perplexity']:.4f} over {t['tokens']} tokens in {t['windows']} windows "
-                  f"(window {FLAGS.window}, stride {FLAGS.stride}, quant {FLAGS.quant})")
+            print(
+                f"perplexity {t['perplexity']:.4f} over {t['tokens']} tokens in {t['windows']} windows "
+                f"(window {FLAGS.window}, stride {FLAGS.stride}, quant {FLAGS.quant})"
+            )
         if "mc" in out:
             print(f"accuracy {out['mc']['accuracy']:.4f} on {out['mc']['n']} questions")
     return 0

@@ -55,20 +55,32 @@ flags.DEFINE_float("clip_norm", 1.0, "gradient clipping (global norm)")
 flags.DEFINE_integer("lora_rank", 0, "0: full fine-tuning; > 0: LoRA rank")
 flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha")
 flags.DEFINE_list("lora_targets", ["q_proj", "v_proj"], "LoRA projections")
-flags.DEFINE_enum("remat", "full", ["full", "dots", "none"],
-                  "rematerialisation of each layer in the backward pass (full: least memory; none: fastest)")
+flags.DEFINE_enum(
+    "remat",
+    "full",
+    ["full", "dots", "none"],
+    "rematerialisation of each layer in the backward pass (full: least memory; none: fastest)",
+)
 flags.DEFINE_integer("loss_chunk", 128, "sequence positions whose logits the loss makes at once (0: all)")
 flags.DEFINE_string("compute_dtype", None, "activation dtype (default float32 on CPU, bfloat16 on accelerators)")
-flags.DEFINE_enum("chat_template", "auto", ["auto", "chatml", "llama3"],
-                  "rendering of JSONL 'messages' documents; auto: llama_jax.chat's Llama 3.1 format for a Llama 3 "
-                  "vocabulary, else ChatML")
+flags.DEFINE_enum(
+    "chat_template",
+    "auto",
+    ["auto", "chatml", "llama3"],
+    "rendering of JSONL 'messages' documents; auto: llama_jax.chat's Llama 3.1 format for a Llama 3 "
+    "vocabulary, else ChatML",
+)
 flags.DEFINE_string("mesh", "", "device mesh, e.g. 'fsdp=4,tensor=2' (default: one device)")
 flags.DEFINE_integer("save_every", 10, "checkpoint every N steps")
 flags.DEFINE_integer("keep", 2, "checkpoints kept")
 flags.DEFINE_integer("seed", 0, "data order and LoRA init")
-flags.DEFINE_bool("allow_special_in_data", False, "encode special-token text (e.g. '<|eot_id|>') in plain 'text' "
-                  "documents as special tokens (pre-formatted data); by default all data is plain text and only the "
-                  "chat format writes special tokens")
+flags.DEFINE_bool(
+    "allow_special_in_data",
+    False,
+    "encode special-token text (e.g. '<|eot_id|>') in plain 'text' "
+    "documents as special tokens (pre-formatted data); by default all data is plain text and only the "
+    "chat format writes special tokens",
+)
 
 
 def _fail(msg: str):
@@ -79,8 +91,18 @@ def _fail(msg: str):
 def _check_flags():
     """Every numeric flag in its range (NaN and inf refused), and the paths, before anything is written."""
     import math
-    at_least = {"seq_len": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "warmup": 0, "lora_rank": 0,
-                "save_every": 1, "keep": 1, "holdout_every": 2}
+
+    at_least = {
+        "seq_len": 1,
+        "batch_size": 1,
+        "grad_accum": 1,
+        "steps": 1,
+        "warmup": 0,
+        "lora_rank": 0,
+        "save_every": 1,
+        "keep": 1,
+        "holdout_every": 2,
+    }
     for name, low in at_least.items():
         if FLAGS[name].value < low:
             _fail(f"--{name} must be >= {low}, got {FLAGS[name].value}")
@@ -101,36 +123,51 @@ def _check_flags():
 def _gguf_to_checkpoint(gguf_path: str, out: str) -> str:
     """Converts a GGUF file into a llama-jax checkpoint at ``out`` (once)."""
     from llama_jax import checkpoint
+
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     repo = os.path.dirname(HERE)
     if os.path.isfile(os.path.join(repo, "conversions", "gguf.py")):
-        subprocess.run([sys.executable, "-m", "conversions", "--source=gguf", f"--input={gguf_path}",
-                        f"--output={out}"], check=True, cwd=repo, stdout=subprocess.DEVNULL)  # it prints the path
+        subprocess.run(
+            [sys.executable, "-m", "conversions", "--source=gguf", f"--input={gguf_path}", f"--output={out}"],
+            check=True,
+            cwd=repo,
+            stdout=subprocess.DEVNULL,
+        )  # it prints the path
         return out
-    import numpy as np
     import jax.numpy as jnp
+    import numpy as np
     import transformers
     from flax import nnx
+
     from conversions import layout
     from llama_jax.config import LlamaConfig
-    from llama_jax.tokenizer import Tokenizer
     from llama_jax.model import Llama
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path),
-                                                           gguf_file=os.path.basename(gguf_path))
+    from llama_jax.tokenizer import Tokenizer
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
+    )
     cfg = LlamaConfig.from_hf_config(hf.config.to_dict())
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     L = cfg.n_layers
-    st = lambda f: np.stack([f(i) for i in range(L)])
-    w = lambda i, n: sd[f"model.layers.{i}.{n}.weight"]
+
+    def st(f):
+        return np.stack([f(i) for i in range(L)])
+
+    def w(i, n):
+        return sd[f"model.layers.{i}.{n}.weight"]
+
     params = {
         "embedder": {"embedding": sd["model.embed_tokens.weight"]},
         "final_norm": {"scale": sd["model.norm.weight"]},
         "layers": {
-            "attention": {"q_proj": st(lambda i: layout.heads_in(w(i, "self_attn.q_proj"), cfg.n_heads)),
-                          "k_proj": st(lambda i: layout.heads_in(w(i, "self_attn.k_proj"), cfg.n_kv_heads)),
-                          "v_proj": st(lambda i: layout.heads_in(w(i, "self_attn.v_proj"), cfg.n_kv_heads)),
-                          "o_proj": st(lambda i: layout.o_in(w(i, "self_attn.o_proj"), cfg.n_heads))},
+            "attention": {
+                "q_proj": st(lambda i: layout.heads_in(w(i, "self_attn.q_proj"), cfg.n_heads)),
+                "k_proj": st(lambda i: layout.heads_in(w(i, "self_attn.k_proj"), cfg.n_kv_heads)),
+                "v_proj": st(lambda i: layout.heads_in(w(i, "self_attn.v_proj"), cfg.n_kv_heads)),
+                "o_proj": st(lambda i: layout.o_in(w(i, "self_attn.o_proj"), cfg.n_heads)),
+            },
             "mlp": {n: st(lambda i, n=n: w(i, f"mlp.{n}").T) for n in ("gate_proj", "up_proj", "down_proj")},
             "attention_norm": {"scale": st(lambda i: w(i, "input_layernorm"))},
             "ffn_norm": {"scale": st(lambda i: w(i, "post_attention_layernorm"))},
@@ -149,19 +186,30 @@ def _gguf_to_checkpoint(gguf_path: str, out: str) -> str:
 def jax_tree_map_asarray(tree):
     import jax
     import jax.numpy as jnp
+
     return jax.tree.map(jnp.asarray, tree)
 
 
 def _plot(records, summary, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss (per step)")
-    ax.axhline(float(__import__("math").log(summary["heldout_ppl_before"])), color="gray", ls="--",
-               label=f"held-out loss before ({summary['heldout_ppl_before']:.2f} ppl)")
-    ax.axhline(float(__import__("math").log(summary["heldout_ppl_after"])), color="green", ls="--",
-               label=f"held-out loss after ({summary['heldout_ppl_after']:.2f} ppl)")
+    ax.axhline(
+        float(__import__("math").log(summary["heldout_ppl_before"])),
+        color="gray",
+        ls="--",
+        label=f"held-out loss before ({summary['heldout_ppl_before']:.2f} ppl)",
+    )
+    ax.axhline(
+        float(__import__("math").log(summary["heldout_ppl_after"])),
+        color="green",
+        ls="--",
+        label=f"held-out loss after ({summary['heldout_ppl_after']:.2f} ppl)",
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(summary["title"])
@@ -173,13 +221,15 @@ def _plot(records, summary, path):
 
 def _perplexity(trainer, rows, batch_size):
     import math
+
     import numpy as np
+
     total, count = 0.0, 0.0
     n = len(rows["tokens"])
     for i in range(0, n, batch_size):
-        chunk = {k: v[i:i + batch_size] for k, v in rows.items()}
+        chunk = {k: v[i : i + batch_size] for k, v in rows.items()}
         short = batch_size - len(chunk["tokens"])
-        if short:   # pad with rows that count nothing, so one compiled shape serves every chunk
+        if short:  # pad with rows that count nothing, so one compiled shape serves every chunk
             chunk = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
         s, c = trainer.eval_sums({k: v[None] for k, v in chunk.items()})
         total, count = total + s, count + c
@@ -188,14 +238,14 @@ def _perplexity(trainer, rows, batch_size):
 
 def main(argv):
     del argv
-    import numpy as np
-    import jax
     import jax.numpy as jnp
+
     from llama_jax import checkpoint, data, train
     from llama_jax import sharding as sharding_lib
     from llama_jax.logs import quiet_unless_verbose
     from llama_jax.tokenizer import Tokenizer
-    quiet_unless_verbose()                       # progress bars and results only, unless --verbosity
+
+    quiet_unless_verbose()  # progress bars and results only, unless --verbosity
 
     workdir = os.path.abspath(FLAGS.workdir)
     # ---- inputs, checked before anything heavy
@@ -208,12 +258,21 @@ def main(argv):
         _fail(f"--holdout_every must be >= 2 and --data must hold >= 2 documents (got {len(docs)})")
     try:
         tc = train.TrainConfig(
-            learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps,
-            weight_decay=FLAGS.weight_decay, decay_norms_and_embeddings=FLAGS.decay_norms_and_embeddings,
-            clip_norm=FLAGS.clip_norm if FLAGS.clip_norm > 0 else None, grad_accum=FLAGS.grad_accum,
-            remat=None if FLAGS.remat == "none" else FLAGS.remat, loss_chunk=FLAGS.loss_chunk,
-            compute_dtype=FLAGS.compute_dtype, lora_rank=FLAGS.lora_rank,
-            lora_alpha=FLAGS.lora_alpha, lora_targets=tuple(FLAGS.lora_targets), seed=FLAGS.seed)
+            learning_rate=FLAGS.lr,
+            warmup_steps=FLAGS.warmup,
+            total_steps=FLAGS.steps,
+            weight_decay=FLAGS.weight_decay,
+            decay_norms_and_embeddings=FLAGS.decay_norms_and_embeddings,
+            clip_norm=FLAGS.clip_norm if FLAGS.clip_norm > 0 else None,
+            grad_accum=FLAGS.grad_accum,
+            remat=None if FLAGS.remat == "none" else FLAGS.remat,
+            loss_chunk=FLAGS.loss_chunk,
+            compute_dtype=FLAGS.compute_dtype,
+            lora_rank=FLAGS.lora_rank,
+            lora_alpha=FLAGS.lora_alpha,
+            lora_targets=tuple(FLAGS.lora_targets),
+            seed=FLAGS.seed,
+        )
     except ValueError as e:
         _fail(f"flags: {e}")
     mesh = None
@@ -228,13 +287,14 @@ def main(argv):
             checkpoint.read_config(FLAGS.checkpoint)
         except (FileNotFoundError, ValueError) as e:
             _fail(f"--checkpoint: {e}")
-    os.makedirs(workdir, exist_ok=True)          # only once the inputs are known good
+    os.makedirs(workdir, exist_ok=True)  # only once the inputs are known good
     # ---- model and tokenizer
     t0 = time.time()
     if FLAGS.checkpoint:
         ckpt_dir = FLAGS.checkpoint
     else:
         from llama_jax import assets
+
         gguf = FLAGS.gguf or assets.smollm2_gguf_path()
         ckpt_dir = _gguf_to_checkpoint(gguf, os.path.join(workdir, "base"))
     try:
@@ -243,11 +303,14 @@ def main(argv):
     except (ValueError, OSError) as e:
         _fail(f"--checkpoint: {e}")
     except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
-        while e.__cause__ is not None:          # the innermost error names the file (TensorStore)
+        while e.__cause__ is not None:  # the innermost error names the file (TensorStore)
             e = e.__cause__
-        print(f"error: --checkpoint: {ckpt_dir}: damaged parameter array ({str(e).splitlines()[0][:300]})",
-              file=sys.stderr, flush=True)
-        os._exit(2)         # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
+        print(
+            f"error: --checkpoint: {ckpt_dir}: damaged parameter array ({str(e).splitlines()[0][:300]})",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)  # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
     if mesh is not None:
         try:
             sharding_lib.validate(model.config, mesh)
@@ -262,15 +325,19 @@ def main(argv):
     # ---- data: held-out documents never enter training
     held_docs = [d for i, d in enumerate(docs) if i % FLAGS.holdout_every == 0]
     train_docs = [d for i, d in enumerate(docs) if i % FLAGS.holdout_every != 0]
-    def tokd(ds):   # untrusted text: only the chat format writes special tokens
+
+    def tokd(ds):  # untrusted text: only the chat format writes special tokens
         return data.tokenize_for_training(ds, tok, FLAGS.chat_template, FLAGS.allow_special_in_data)
+
     try:
         train_rows = data.pack_documents(tokd(train_docs), FLAGS.seq_len)
         held_rows = data.pack_documents(tokd(held_docs), FLAGS.seq_len)
     except ValueError as e:
         _fail(f"{FLAGS.data}: {e}")
-    print(f"data {FLAGS.data}: {len(train_docs)} train documents -> {len(train_rows['tokens'])} rows, "
-          f"{len(held_docs)} held-out documents -> {len(held_rows['tokens'])} rows of {FLAGS.seq_len}")
+    print(
+        f"data {FLAGS.data}: {len(train_docs)} train documents -> {len(train_rows['tokens'])} rows, "
+        f"{len(held_docs)} held-out documents -> {len(held_rows['tokens'])} rows of {FLAGS.seq_len}"
+    )
     loader = data.Loader(train_rows, FLAGS.batch_size, grad_accum=FLAGS.grad_accum, seed=FLAGS.seed)
 
     trainer = train.Trainer(model, tc, mesh=mesh)
@@ -280,8 +347,10 @@ def main(argv):
     if "heldout_ppl_before" not in summary:
         t0 = time.time()
         summary["heldout_ppl_before"], summary["heldout_tokens"] = _perplexity(trainer, held_rows, FLAGS.batch_size)
-        print(f"held-out perplexity before: {summary['heldout_ppl_before']:.3f} "
-              f"({summary['heldout_tokens']:.0f} tokens, {time.time() - t0:.1f}s)")
+        print(
+            f"held-out perplexity before: {summary['heldout_ppl_before']:.3f} "
+            f"({summary['heldout_tokens']:.0f} tokens, {time.time() - t0:.1f}s)"
+        )
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=1)
 
@@ -304,25 +373,45 @@ def main(argv):
     records = [json.loads(line) for line in open(metrics_path) if line.strip()]
     mode = f"LoRA r={FLAGS.lora_rank} {','.join(FLAGS.lora_targets)}" if FLAGS.lora_rank else "full"
     summary.update(
-        steps=result["step"], resumed_from=result["resumed_from"], train_seconds_this_run=round(train_s, 1),
-        first_loss=records[0]["loss"], last_loss=records[-1]["loss"], mode=mode,
+        steps=result["step"],
+        resumed_from=result["resumed_from"],
+        train_seconds_this_run=round(train_s, 1),
+        first_loss=records[0]["loss"],
+        last_loss=records[-1]["loss"],
+        mode=mode,
         title=f"{os.path.basename(os.path.normpath(ckpt_dir))} {mode} fine-tune on {os.path.basename(FLAGS.data)}",
-        flags={k: FLAGS[k].value for k in ("seq_len", "batch_size", "grad_accum", "steps", "lr", "warmup",
-                                            "weight_decay", "lora_rank", "lora_alpha", "holdout_every")})
+        flags={
+            k: FLAGS[k].value
+            for k in (
+                "seq_len",
+                "batch_size",
+                "grad_accum",
+                "steps",
+                "lr",
+                "warmup",
+                "weight_decay",
+                "lora_rank",
+                "lora_alpha",
+                "holdout_every",
+            )
+        },
+    )
     _plot(records, summary, os.path.join(workdir, "loss.png"))
 
     # ---- export: LoRA merged, float32, with the tokenizer
     final = os.path.join(workdir, "final")
     checkpoint.save(final, trainer.export_model(), tokenizer_files=[tok_dir], overwrite=True)
-    del trainer, loader, model      # free the train state (parameters + AdamW moments) before the reload check
+    del trainer, loader, model  # free the train state (parameters + AdamW moments) before the reload check
     reloaded = checkpoint.load(final, dtype=jnp.float32)
     check = train.Trainer(reloaded, train.TrainConfig(total_steps=1))
     summary["heldout_ppl_reloaded"], _ = _perplexity(check, held_rows, FLAGS.batch_size)
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))
-    print(f"saved {final} (loads with llama_jax.checkpoint.load; held-out perplexity after reload "
-          f"{summary['heldout_ppl_reloaded']:.3f})")
+    print(
+        f"saved {final} (loads with llama_jax.checkpoint.load; held-out perplexity after reload "
+        f"{summary['heldout_ppl_reloaded']:.3f})"
+    )
     return 0
 
 

@@ -44,14 +44,20 @@ def step_memory(config, batch_size: int, seq_len: int, remat, loss_chunk: int) -
 
     from llama_jax import train
     from llama_jax.model import Llama
+
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), param_dtype=jnp.float32, remat=remat))
     graphdef, state = nnx.split(abstract, nnx.Param)
     params = nnx.to_pure_dict(state)
     tx = train.make_optimizer(train.TrainConfig(), params)
     opt_state = jax.eval_shape(tx.init, params)
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    batch = {"tokens": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens,
-             "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
+    batch = {
+        "tokens": tokens,
+        "targets": tokens,
+        "positions": tokens,
+        "segment_ids": tokens,
+        "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32),
+    }
 
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(train.loss_fn, argnums=1)(graphdef, params, batch, loss_chunk)
@@ -60,8 +66,11 @@ def step_memory(config, batch_size: int, seq_len: int, remat, loss_chunk: int) -
 
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
     m = compiled.memory_analysis()
-    out = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-           "outputs": m.output_size_in_bytes - m.alias_size_in_bytes}
+    out = {
+        "arguments": m.argument_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "outputs": m.output_size_in_bytes - m.alias_size_in_bytes,
+    }
     out["total"] = sum(out.values())
     return out
 
@@ -71,12 +80,14 @@ def main(argv):
     from llama_jax import checkpoint
     from llama_jax.default_model import default_checkpoint
     from llama_jax.logs import quiet_unless_verbose
+
     quiet_unless_verbose()
     config = checkpoint.read_config(FLAGS.checkpoint or default_checkpoint())
     remat = None if FLAGS.remat == "none" else FLAGS.remat
     m = step_memory(config, FLAGS.batch_size, FLAGS.seq_len, remat, FLAGS.loss_chunk)
-    print(f"train step, batch {FLAGS.batch_size} x {FLAGS.seq_len}, remat={FLAGS.remat}, "
-          f"loss_chunk={FLAGS.loss_chunk}:")
+    print(
+        f"train step, batch {FLAGS.batch_size} x {FLAGS.seq_len}, remat={FLAGS.remat}, loss_chunk={FLAGS.loss_chunk}:"
+    )
     for k, v in m.items():
         print(f"  {k:12s} {v / 2**30:7.2f} GiB")
     return 0

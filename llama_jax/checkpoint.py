@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +51,10 @@ TOKENIZER_DIR = "tokenizer"
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
+
 def _orbax():
     import orbax.checkpoint as ocp  # imported lazily: heavy
+
     return ocp
 
 
@@ -69,8 +71,7 @@ def abstract_model(config: LlamaConfig, dtype=None) -> Llama:
 def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Dotted parameter name -> shape, e.g. ``{"layers.attention.q_proj": (L, D, N, H), ...}``."""
     state = nnx.to_pure_dict(nnx.state(abstract_model(config, jnp.float32), nnx.Param))
-    return {".".join(str(k) for k in path): tuple(leaf.shape)
-            for path, leaf in _flatten(state)}
+    return {".".join(str(k) for k in path): tuple(leaf.shape) for path, leaf in _flatten(state)}
 
 
 def _flatten(tree, prefix=()):
@@ -156,8 +157,10 @@ def _copy_tokenizer(directory: str, tokenizer_files: Iterable[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- public API
 
-def save(path: str | os.PathLike, model: Llama, tokenizer_files: Iterable[str | os.PathLike] = (),
-         overwrite: bool = False) -> str:
+
+def save(
+    path: str | os.PathLike, model: Llama, tokenizer_files: Iterable[str | os.PathLike] = (), overwrite: bool = False
+) -> str:
     """Saves ``model`` (config + parameters in their dtype) and copies ``tokenizer_files`` into ``path``/tokenizer.
 
     Args:
@@ -202,6 +205,7 @@ def _save_multihost(path, state, model, tokenizer_files, overwrite) -> str:
     directory into place, between barriers. The path must be on a file system all processes share.
     """
     from jax.experimental import multihost_utils
+
     ocp = _orbax()
     primary = jax.process_index() == 0
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial-multihost")
@@ -262,8 +266,9 @@ def tokenizer_dir(path: str | os.PathLike) -> str | None:
     return d if os.path.isdir(d) and os.listdir(d) else None
 
 
-def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None,
-         rules: Mapping | None = None) -> Llama:
+def load(
+    path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None, rules: Mapping | None = None
+) -> Llama:
     """Restores a :class:`Llama` from checkpoint ``path`` straight into (sharded) device arrays.
 
     The abstract model is built with ``nnx.eval_shape``; target shardings come from
@@ -285,8 +290,9 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
     """
     ocp = _orbax()
     path = os.path.abspath(os.fspath(path))
-    if os.path.isfile(os.path.join(path, "quant.json")):          # int8 weights stored by llama_jax.quant.save
+    if os.path.isfile(os.path.join(path, "quant.json")):  # int8 weights stored by llama_jax.quant.save
         from llama_jax import quant
+
         return quant.load(path, quant=quant.stored_quant(path), dtype=dtype, mesh=mesh, rules=rules)
     config = read_config(path)
     if mesh is not None:
@@ -311,11 +317,13 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
         with open(zarray) as f:
             stored = tuple(json.load(f)["shape"])
         if stored != tuple(leaf.shape):
-            raise ValueError(f"{array_dir}: stored shape {stored} != {tuple(leaf.shape)} expected from "
-                             f"{os.path.join(path, CONFIG_FILE)}")
+            raise ValueError(
+                f"{array_dir}: stored shape {stored} != {tuple(leaf.shape)} expected from "
+                f"{os.path.join(path, CONFIG_FILE)}"
+            )
     restore_args = jax.tree.map(
-        lambda leaf, sh: ocp.ArrayRestoreArgs(sharding=sh, dtype=dtype, global_shape=leaf.shape),
-        target, sharding_tree)
+        lambda leaf, sh: ocp.ArrayRestoreArgs(sharding=sh, dtype=dtype, global_shape=leaf.shape), target, sharding_tree
+    )
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
     with ocp.Checkpointer(handler) as ckptr:
         restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
@@ -324,6 +332,7 @@ def load(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = N
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
+
 
 class CheckpointWriter:
     """Writes a checkpoint parameter by parameter and layer by layer (bounded memory; used by ``conversions``).
@@ -348,6 +357,7 @@ class CheckpointWriter:
 
     def __init__(self, path: str | os.PathLike, config: LlamaConfig, dtype=jnp.float32, overwrite: bool = False):
         import tensorstore as ts
+
         self.path = os.path.abspath(os.fspath(path))
         self.config = config
         self.dtype = jnp.dtype(dtype)
@@ -363,11 +373,21 @@ class CheckpointWriter:
         for name, shape in self.shapes.items():
             stacked = name.startswith("layers.")
             chunks = (1,) + shape[1:] if stacked else shape
-            spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self._params, name)},
-                    "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": zdtype,
-                                 "compressor": None, "fill_value": None, "order": "C",
-                                 "dimension_separator": "."},
-                    "create": True, "delete_existing": True}
+            spec = {
+                "driver": "zarr",
+                "kvstore": {"driver": "file", "path": os.path.join(self._params, name)},
+                "metadata": {
+                    "shape": list(shape),
+                    "chunks": list(chunks),
+                    "dtype": zdtype,
+                    "compressor": None,
+                    "fill_value": None,
+                    "order": "C",
+                    "dimension_separator": ".",
+                },
+                "create": True,
+                "delete_existing": True,
+            }
             futures.append((name, ts.open(spec)))
             self._written[name] = set()
         for name, fut in futures:
@@ -430,8 +450,16 @@ class CheckpointWriter:
                 "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)},
             }
         with open(os.path.join(self._params, "_METADATA"), "w") as f:
-            json.dump({"tree_metadata": tree_metadata, "use_ocdbt": False, "use_zarr3": False,
-                       "store_array_data_equal_to_fill_value": True, "custom_metadata": None}, f)
+            json.dump(
+                {
+                    "tree_metadata": tree_metadata,
+                    "use_ocdbt": False,
+                    "use_zarr3": False,
+                    "store_array_data_equal_to_fill_value": True,
+                    "custom_metadata": None,
+                },
+                f,
+            )
         self._arrays = {}
         _copy_tokenizer(self.tmp, tokenizer_files)
         _write_config(self.tmp, self.config, self.dtype)
@@ -451,6 +479,7 @@ def read_param(path: str | os.PathLike, name: str, layer: int | None = None) -> 
     Raises FileNotFoundError naming the missing parameter array.
     """
     import tensorstore as ts
+
     array_dir = os.path.join(os.fspath(path), PARAMS_DIR, name)
     if not os.path.isfile(os.path.join(array_dir, ".zarray")):
         raise FileNotFoundError(f"{array_dir}: parameter array missing")
@@ -489,5 +518,7 @@ def check_arrays(path: str | os.PathLike) -> None:
         for index in np.ndindex(*grid) if grid else [()]:
             key = sep.join(str(i) for i in index) if index else "0"
             if not os.path.isfile(os.path.join(params, name, key)):
-                raise FileNotFoundError(f"{os.path.join(params, name, key)}: chunk file of parameter {name} is "
-                                        "missing (damaged or incomplete checkpoint)")
+                raise FileNotFoundError(
+                    f"{os.path.join(params, name, key)}: chunk file of parameter {name} is "
+                    "missing (damaged or incomplete checkpoint)"
+                )

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,8 @@ class RopeScaling:
         if not 0 < self.low_freq_factor < self.high_freq_factor:
             raise ValueError(
                 "rope_scaling.low_freq_factor must be > 0 and < rope_scaling.high_freq_factor, got "
-                f"{self.low_freq_factor} and {self.high_freq_factor}")
+                f"{self.low_freq_factor} and {self.high_freq_factor}"
+            )
         if not self.original_max_position > 0:
             raise ValueError(f"rope_scaling.original_max_position must be > 0, got {self.original_max_position}")
 
@@ -92,8 +93,9 @@ class LlamaConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
-                                 "unless head_dim is given")
+                raise ValueError(
+                    f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) unless head_dim is given"
+                )
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
             raise ValueError(f"head_dim must be a positive integer, got {self.head_dim!r}")
@@ -125,7 +127,7 @@ class LlamaConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.n_layers * per_layer + d + head
 
-    def replace(self, **changes) -> "LlamaConfig":
+    def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ serialisation
@@ -134,7 +136,7 @@ class LlamaConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -146,8 +148,9 @@ class LlamaConfig:
 
     # ------------------------------------------------------------------ Meta params.json
     @classmethod
-    def from_meta_params(cls, params: str | os.PathLike | Mapping[str, Any], *,
-                         max_seq_len: int = 131072) -> "LlamaConfig":
+    def from_meta_params(
+        cls, params: str | os.PathLike | Mapping[str, Any], *, max_seq_len: int = 131072
+    ) -> LlamaConfig:
         """Reads Meta's ``params.json`` (a path, or the parsed dict).
 
         Fields: dim, n_layers, n_heads, n_kv_heads, vocab_size, ffn_dim_multiplier, multiple_of, norm_eps,
@@ -166,11 +169,18 @@ class LlamaConfig:
         dim = p["dim"]
         hidden = ffn_hidden_dim(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier"))
         return cls(
-            vocab_size=p["vocab_size"], dim=dim, n_layers=p["n_layers"], n_heads=p["n_heads"],
-            n_kv_heads=p.get("n_kv_heads") or p["n_heads"], hidden_dim=hidden,
-            norm_eps=p.get("norm_eps", 1e-5), rope_theta=float(p.get("rope_theta", 500000.0)),
+            vocab_size=p["vocab_size"],
+            dim=dim,
+            n_layers=p["n_layers"],
+            n_heads=p["n_heads"],
+            n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
+            hidden_dim=hidden,
+            norm_eps=p.get("norm_eps", 1e-5),
+            rope_theta=float(p.get("rope_theta", 500000.0)),
             rope_scaling=RopeScaling() if p.get("use_scaled_rope", False) else None,
-            max_seq_len=max_seq_len, tie_word_embeddings=False)
+            max_seq_len=max_seq_len,
+            tie_word_embeddings=False,
+        )
 
     def to_meta_params(self) -> dict[str, Any]:
         """The inverse of :meth:`from_meta_params` (``ffn_dim_multiplier`` chosen so the width round-trips).
@@ -186,9 +196,18 @@ class LlamaConfig:
         if self.rope_scaling not in (None, RopeScaling()):
             raise ValueError("rope_scaling: Meta's reference supports only factor 8, low 1, high 4, context 8192")
         base = int(2 * 4 * self.dim / 3)
-        params = dict(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                      vocab_size=self.vocab_size, multiple_of=1, ffn_dim_multiplier=None, norm_eps=self.norm_eps,
-                      rope_theta=self.rope_theta, use_scaled_rope=self.rope_scaling is not None)
+        params = dict(
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            vocab_size=self.vocab_size,
+            multiple_of=1,
+            ffn_dim_multiplier=None,
+            norm_eps=self.norm_eps,
+            rope_theta=self.rope_theta,
+            use_scaled_rope=self.rope_scaling is not None,
+        )
         if base != self.hidden_dim:
             # int(m * base) == hidden_dim for m slightly above hidden_dim / base
             params["ffn_dim_multiplier"] = (self.hidden_dim + 0.5) / base
@@ -197,7 +216,7 @@ class LlamaConfig:
 
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod
-    def from_hf_config(cls, config: str | os.PathLike | Mapping[str, Any]) -> "LlamaConfig":
+    def from_hf_config(cls, config: str | os.PathLike | Mapping[str, Any]) -> LlamaConfig:
         """Reads a Hugging Face ``LlamaConfig`` (``config.json`` path, its directory, or the dict).
 
         Rope scaling is read from ``rope_scaling`` (``rope_type``, or the legacy key ``type``) and from
@@ -218,8 +237,7 @@ class LlamaConfig:
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"config.json: hidden_act={act!r} is not supported (Llama uses silu)")
-        for required in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                         "intermediate_size"):
+        for required in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             if required not in c:
                 raise ValueError(f"config.json: missing field {required!r}")
 
@@ -236,22 +254,31 @@ class LlamaConfig:
         elif rope_type == "llama3":
             try:
                 scaling = RopeScaling(
-                    factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                    factor=float(rope["factor"]),
+                    low_freq_factor=float(rope["low_freq_factor"]),
                     high_freq_factor=float(rope["high_freq_factor"]),
-                    original_max_position=int(rope["original_max_position_embeddings"]))
+                    original_max_position=int(rope["original_max_position_embeddings"]),
+                )
             except KeyError as e:
-                raise ValueError(f"config.json: rope_scaling is missing {e.args[0]!r} for rope_type 'llama3'")
+                raise ValueError(f"config.json: rope_scaling is missing {e.args[0]!r} for rope_type 'llama3'") from None
         else:
-            raise ValueError(f"config.json: rope_scaling rope_type {rope_type!r} is not supported "
-                             "(supported: 'default', 'llama3')")
+            raise ValueError(
+                f"config.json: rope_scaling rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')"
+            )
         return cls(
-            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+            vocab_size=c["vocab_size"],
+            dim=c["hidden_size"],
+            n_layers=c["num_hidden_layers"],
             n_heads=c["num_attention_heads"],
             n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-            hidden_dim=c["intermediate_size"], head_dim=c.get("head_dim"),
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+            hidden_dim=c["intermediate_size"],
+            head_dim=c.get("head_dim"),
+            norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
             max_seq_len=int(c.get("max_position_embeddings", 131072)),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)))
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        )
 
     def to_hf_config(self, **extra) -> dict[str, Any]:
         """A ``config.json`` dict that ``transformers.LlamaConfig`` / ``LlamaForCausalLM`` loads as it is.
@@ -261,17 +288,35 @@ class LlamaConfig:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
             s = self.rope_scaling
-            rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                        high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position)
+            rope.update(
+                rope_type="llama3",
+                factor=s.factor,
+                low_freq_factor=s.low_freq_factor,
+                high_freq_factor=s.high_freq_factor,
+                original_max_position_embeddings=s.original_max_position,
+            )
         out = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "intermediate_size": self.hidden_dim, "head_dim": self.head_dim, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "rope_scaling": rope if self.rope_scaling is not None else None,
-            "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-            "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.hidden_dim,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope if self.rope_scaling is not None else None,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "use_cache": True,
         }
         out.update(extra)
         return out
@@ -296,22 +341,61 @@ _LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor
 _LLAMA32_SCALING = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
 
 PRESETS: dict[str, LlamaConfig] = {
-    "llama3.1-8b": LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                               hidden_dim=14336, rope_scaling=_LLAMA31_SCALING),
-    "llama3.1-70b": LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-                                hidden_dim=28672, rope_scaling=_LLAMA31_SCALING),
-    "llama3.1-405b": LlamaConfig(vocab_size=128256, dim=16384, n_layers=126, n_heads=128, n_kv_heads=8,
-                                 hidden_dim=53248, rope_scaling=_LLAMA31_SCALING),
-    "llama3.2-1b": LlamaConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                               hidden_dim=8192, head_dim=64, rope_scaling=_LLAMA32_SCALING,
-                               tie_word_embeddings=True),
-    "llama3.2-3b": LlamaConfig(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8,
-                               hidden_dim=8192, head_dim=128, rope_scaling=_LLAMA32_SCALING,
-                               tie_word_embeddings=True),
-    "llama3-8b": LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                             hidden_dim=14336, max_seq_len=8192),
-    "llama3-70b": LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-                              hidden_dim=28672, max_seq_len=8192),
+    "llama3.1-8b": LlamaConfig(
+        vocab_size=128256,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        hidden_dim=14336,
+        rope_scaling=_LLAMA31_SCALING,
+    ),
+    "llama3.1-70b": LlamaConfig(
+        vocab_size=128256,
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        hidden_dim=28672,
+        rope_scaling=_LLAMA31_SCALING,
+    ),
+    "llama3.1-405b": LlamaConfig(
+        vocab_size=128256,
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        hidden_dim=53248,
+        rope_scaling=_LLAMA31_SCALING,
+    ),
+    "llama3.2-1b": LlamaConfig(
+        vocab_size=128256,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        hidden_dim=8192,
+        head_dim=64,
+        rope_scaling=_LLAMA32_SCALING,
+        tie_word_embeddings=True,
+    ),
+    "llama3.2-3b": LlamaConfig(
+        vocab_size=128256,
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        hidden_dim=8192,
+        head_dim=128,
+        rope_scaling=_LLAMA32_SCALING,
+        tie_word_embeddings=True,
+    ),
+    "llama3-8b": LlamaConfig(
+        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, max_seq_len=8192
+    ),
+    "llama3-70b": LlamaConfig(
+        vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, max_seq_len=8192
+    ),
 }
 
 

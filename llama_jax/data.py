@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Document:
 
     text: str | None = None
     messages: tuple | None = None
-    source: str = ""          # "file:line" for error messages
+    source: str = ""  # "file:line" for error messages
 
 
 def read_documents(path: str | os.PathLike) -> list[Document]:
@@ -92,6 +92,7 @@ def _document_from_json(obj, where: str) -> Document:
         return Document(text=obj["text"], source=where)
     if "messages" in obj:
         from llama_jax import chat
+
         msgs = obj["messages"]
         if not isinstance(msgs, list):
             raise ValueError(f"{where}: 'messages' must be a list")
@@ -99,7 +100,7 @@ def _document_from_json(obj, where: str) -> Document:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
         if msgs:
-            chat.validate_messages(msgs, f"{where}: messages")     # the validator generation uses: same roles
+            chat.validate_messages(msgs, f"{where}: messages")  # the validator generation uses: same roles
         return Document(messages=tuple(dict(role=m["role"], content=m["content"]) for m in msgs), source=where)
     raise ValueError(f"{where}: expected a 'text' or 'messages' field, got {sorted(obj)}")
 
@@ -123,14 +124,18 @@ class ChatTemplate:
     trained_roles: tuple = ("assistant",)
 
 
-LLAMA3 = ChatTemplate(prefix="<|begin_of_text|>", header="<|start_header_id|>{role}<|end_header_id|>\n\n",
-                      footer="<|eot_id|>")
+LLAMA3 = ChatTemplate(
+    prefix="<|begin_of_text|>", header="<|start_header_id|>{role}<|end_header_id|>\n\n", footer="<|eot_id|>"
+)
 CHATML = ChatTemplate(prefix="", header="<|im_start|>{role}\n", footer="<|im_end|>\n")
 
 
-def encode_dialog(messages: Sequence[Mapping[str, str]], encode: Callable[[str], Sequence[int]],
-                  template: ChatTemplate,
-                  encode_content: Callable[[str], Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def encode_dialog(
+    messages: Sequence[Mapping[str, str]],
+    encode: Callable[[str], Sequence[int]],
+    template: ChatTemplate,
+    encode_content: Callable[[str], Sequence[int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and loss weights of a dialog.
 
     Args:
@@ -172,13 +177,17 @@ def encode_dialog(messages: Sequence[Mapping[str, str]], encode: Callable[[str],
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizing
-def tokenize_documents(docs: Iterable[Document], encode: Callable[[str], Sequence[int]], *,
-                       bos_id: int | None = None, eos_id: int | None = None,
-                       chat_template: ChatTemplate | None = None,
-                       encode_dialog_fn: Callable | None = None,
-                       encode_template: Callable[[str], Sequence[int]] | None = None,
-                       encode_content: Callable[[str], Sequence[int]] | None = None,
-                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+def tokenize_documents(
+    docs: Iterable[Document],
+    encode: Callable[[str], Sequence[int]],
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    chat_template: ChatTemplate | None = None,
+    encode_dialog_fn: Callable | None = None,
+    encode_template: Callable[[str], Sequence[int]] | None = None,
+    encode_content: Callable[[str], Sequence[int]] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Documents -> [(tokens int32 [n], weights float32 [n])].
 
     Plain text becomes ``[bos] + encode(text) + [eos]`` (bos/eos when given), every token weighted 1 (the bos is
@@ -194,15 +203,19 @@ def tokenize_documents(docs: Iterable[Document], encode: Callable[[str], Sequenc
     out = []
     for d in docs:
         if d.text is not None:
-            ids = ([bos_id] if bos_id is not None else []) + list(encode(d.text)) + (
-                [eos_id] if eos_id is not None else [])
+            ids = (
+                ([bos_id] if bos_id is not None else [])
+                + list(encode(d.text))
+                + ([eos_id] if eos_id is not None else [])
+            )
             out.append((np.asarray(ids, np.int32), np.ones(len(ids), np.float32)))
         else:
             if encode_dialog_fn is not None:
                 toks, w = encode_dialog_fn(d.messages)
             elif chat_template is not None and encode_template is not None:
-                toks, w = encode_dialog(d.messages, encode_template, chat_template,
-                                        encode_content=encode_content or encode)
+                toks, w = encode_dialog(
+                    d.messages, encode_template, chat_template, encode_content=encode_content or encode
+                )
             elif chat_template is not None:
                 toks, w = encode_dialog(d.messages, encode, chat_template)
             else:
@@ -213,8 +226,9 @@ def tokenize_documents(docs: Iterable[Document], encode: Callable[[str], Sequenc
     return out
 
 
-def tokenize_for_training(docs: Iterable[Document], tokenizer, chat_template: str = "auto",
-                          allow_special_in_data: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+def tokenize_for_training(
+    docs: Iterable[Document], tokenizer, chat_template: str = "auto", allow_special_in_data: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`tokenize_documents` with a :class:`llama_jax.tokenizer.Tokenizer`, as ``experiments/finetune.py``
     runs it.
 
@@ -234,18 +248,25 @@ def tokenize_for_training(docs: Iterable[Document], tokenizer, chat_template: st
     dialog_fn = None
     if chat_template == "auto" and all(t in tokenizer.special_tokens for t in ("<|start_header_id|>", "<|eot_id|>")):
         from llama_jax import chat
+
         dialog_fn = chat.chat_format_for(tokenizer).encode_dialog_for_training
     text_special = "all" if allow_special_in_data else ()
-    return tokenize_documents(docs, lambda s: tokenizer.encode(s, allowed_special=text_special),
-                              bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, chat_template=templates[chat_template],
-                              encode_dialog_fn=dialog_fn,
-                              encode_template=lambda s: tokenizer.encode(s, allowed_special="all"),
-                              encode_content=tokenizer.encode)
+    return tokenize_documents(
+        docs,
+        lambda s: tokenizer.encode(s, allowed_special=text_special),
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        chat_template=templates[chat_template],
+        encode_dialog_fn=dialog_fn,
+        encode_template=lambda s: tokenizer.encode(s, allowed_special="all"),
+        encode_content=tokenizer.encode,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- packing
-def pack_documents(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int,
-                   pad_id: int = 0) -> dict[str, np.ndarray]:
+def pack_documents(
+    docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int = 0
+) -> dict[str, np.ndarray]:
     """Packs tokenized documents into R rows of ``seq_len`` (T) inputs.
 
     Returns a dict of numpy arrays, each [R, T]:
@@ -273,7 +294,7 @@ def pack_documents(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int,
     weights = np.concatenate([weights, np.zeros(pad, np.float32)])
     doc = np.concatenate([doc, np.full(pad, -1, np.int64)])
 
-    idx = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]     # [R, T+1]
+    idx = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]  # [R, T+1]
     win_tok, win_w, win_doc = tokens[idx], weights[idx], doc[idx]
     inp_doc, tgt_doc = win_doc[:, :-1], win_doc[:, 1:]
     valid = (inp_doc == tgt_doc) & (inp_doc >= 0)
@@ -286,8 +307,13 @@ def pack_documents(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int,
     col = np.broadcast_to(np.arange(seq_len), inp_doc.shape)
     start_col = np.maximum.accumulate(np.where(starts, col, 0), axis=1)
     positions = (col - start_col).astype(np.int32)
-    return dict(tokens=win_tok[:, :-1].copy(), targets=win_tok[:, 1:].copy(), loss_mask=loss_mask,
-                positions=positions, segment_ids=seg)
+    return dict(
+        tokens=win_tok[:, :-1].copy(),
+        targets=win_tok[:, 1:].copy(),
+        loss_mask=loss_mask,
+        positions=positions,
+        segment_ids=seg,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -303,8 +329,15 @@ class Loader:
       ValueError: empty rows, or a batch size / grad_accum < 1.
     """
 
-    def __init__(self, rows: Mapping[str, np.ndarray], batch_size: int, *, grad_accum: int = 1, seed: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self,
+        rows: Mapping[str, np.ndarray],
+        batch_size: int,
+        *,
+        grad_accum: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         if batch_size < 1 or grad_accum < 1:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size}, {grad_accum}")
         missing = [k for k in BATCH_KEYS if k not in rows]
@@ -335,7 +368,7 @@ class Loader:
         picks = []
         while need:
             order = self._order(self.epoch)
-            take = order[self.cursor:self.cursor + need]
+            take = order[self.cursor : self.cursor + need]
             picks.append(take)
             need -= len(take)
             self.cursor += len(take)

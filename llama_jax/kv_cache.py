@@ -47,7 +47,7 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def replace(self, **changes) -> "KVCache":
+    def replace(self, **changes) -> KVCache:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -63,13 +63,17 @@ class KVCache:
         beyond the cache are dropped. An int8 cache quantizes them (:func:`quantize_kv`). Lengths unchanged."""
         rows = jnp.arange(k.shape[0])[:, None]
         if not self.quantized:
-            return self.replace(k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype), mode="drop"),
-                                v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype), mode="drop"))
+            return self.replace(
+                k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype), mode="drop"),
+                v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype), mode="drop"),
+            )
         (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
-        return self.replace(k=self.k.at[layer, rows, positions].set(kq, mode="drop"),
-                            v=self.v.at[layer, rows, positions].set(vq, mode="drop"),
-                            k_scale=self.k_scale.at[layer, rows, positions].set(ks, mode="drop"),
-                            v_scale=self.v_scale.at[layer, rows, positions].set(vs, mode="drop"))
+        return self.replace(
+            k=self.k.at[layer, rows, positions].set(kq, mode="drop"),
+            v=self.v.at[layer, rows, positions].set(vq, mode="drop"),
+            k_scale=self.k_scale.at[layer, rows, positions].set(ks, mode="drop"),
+            v_scale=self.v_scale.at[layer, rows, positions].set(vs, mode="drop"),
+        )
 
 
 def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,8 +89,9 @@ def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.float32,
-               sharding=None, kv_dtype=None) -> KVCache:
+def init_cache(
+    config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.float32, sharding=None, kv_dtype=None
+) -> KVCache:
     """Creates an empty cache (zeros, lengths 0).
 
     Args:
@@ -120,8 +125,9 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.
         scales = {}
         if dtype == jnp.int8:
             scales = dict(k_scale=jnp.zeros(shape[:-1], jnp.float32), v_scale=jnp.zeros(shape[:-1], jnp.float32))
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                       lengths=jnp.zeros((batch_size,), jnp.int32), **scales)
+        return KVCache(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch_size,), jnp.int32), **scales
+        )
 
     if sharding is None:
         return make()
@@ -181,28 +187,37 @@ class PagedKVCache:
         return int(self.k_pages.nbytes + self.v_pages.nbytes + self.page_table.nbytes + self.lengths.nbytes)
 
 
-def init_paged_cache(config: LlamaConfig, num_pages: int, page_size: int, batch_size: int, pages_per_row: int,
-                     dtype=jnp.float32) -> PagedKVCache:
+def init_paged_cache(
+    config: LlamaConfig, num_pages: int, page_size: int, batch_size: int, pages_per_row: int, dtype=jnp.float32
+) -> PagedKVCache:
     """An empty page pool (zeros) with page tables of ``pages_per_row`` entries (all page 0) and lengths 0.
 
     Raises ValueError for a non-positive size or rows longer than the model's context.
     """
-    for name, v in (("num_pages", num_pages), ("page_size", page_size), ("batch_size", batch_size),
-                    ("pages_per_row", pages_per_row)):
+    for name, v in (
+        ("num_pages", num_pages),
+        ("page_size", page_size),
+        ("batch_size", batch_size),
+        ("pages_per_row", pages_per_row),
+    ):
         if v <= 0:
             raise ValueError(f"{name} must be positive, got {v}")
     if pages_per_row * page_size > config.max_seq_len + page_size - 1:
-        raise ValueError(f"pages_per_row {pages_per_row} x page_size {page_size} exceeds the model's context "
-                         f"{config.max_seq_len}")
+        raise ValueError(
+            f"pages_per_row {pages_per_row} x page_size {page_size} exceeds the model's context {config.max_seq_len}"
+        )
     shape = (config.n_layers, num_pages, page_size, config.n_kv_heads, config.head_dim)
-    return PagedKVCache(k_pages=jnp.zeros(shape, dtype), v_pages=jnp.zeros(shape, dtype),
-                        page_table=jnp.zeros((batch_size, pages_per_row), jnp.int32),
-                        lengths=jnp.zeros((batch_size,), jnp.int32))
+    return PagedKVCache(
+        k_pages=jnp.zeros(shape, dtype),
+        v_pages=jnp.zeros(shape, dtype),
+        page_table=jnp.zeros((batch_size, pages_per_row), jnp.int32),
+        lengths=jnp.zeros((batch_size,), jnp.int32),
+    )
 
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
     """The dense slots of each row: pages [L, N, P, K, H] and page_table int32 [B, M] -> [L, B, M*P, K, H]."""
-    g = jnp.take(pages, page_table, axis=1)                           # [L, B, M, P, K, H]
+    g = jnp.take(pages, page_table, axis=1)  # [L, B, M, P, K, H]
     n_layers, b, m, p = g.shape[:4]
     return g.reshape(n_layers, b, m * p, *g.shape[4:])
 
@@ -213,8 +228,8 @@ def paged_write(cache: PagedKVCache, layer: int, positions: jax.Array, k: jax.Ar
     p = cache.page_size
     m = cache.page_table.shape[1]
     idx = jnp.clip(positions // p, 0, m - 1)
-    page = jnp.take_along_axis(cache.page_table, idx, axis=1)                      # [B, T]
-    page = jnp.where(positions // p < m, page, cache.num_pages)                     # out of range: dropped
+    page = jnp.take_along_axis(cache.page_table, idx, axis=1)  # [B, T]
+    page = jnp.where(positions // p < m, page, cache.num_pages)  # out of range: dropped
     slot = positions % p
     kp = cache.k_pages.at[layer, page, slot].set(k.astype(cache.k_pages.dtype), mode="drop")
     vp = cache.v_pages.at[layer, page, slot].set(v.astype(cache.v_pages.dtype), mode="drop")
@@ -228,9 +243,9 @@ def paged_attention(q: jax.Array, cache: PagedKVCache, layer: int, q_positions: 
     Returns [B, T, N, H] in q's dtype."""
     from llama_jax.model import attention_mask, dot_product_attention
 
-    k = gather_pages(cache.k_pages[layer][None], cache.page_table)[0]             # [B, S, K, H]
+    k = gather_pages(cache.k_pages[layer][None], cache.page_table)[0]  # [B, S, K, H]
     v = gather_pages(cache.v_pages[layer][None], cache.page_table)[0]
     b, s = k.shape[:2]
     k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    mask = attention_mask(q_positions, k_positions)                                 # [B, T, S]
+    mask = attention_mask(q_positions, k_positions)  # [B, T, S]
     return dot_product_attention(q, k, v, mask)

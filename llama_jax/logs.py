@@ -62,6 +62,7 @@ def adopt_main_help(doc: str | None, module_name: str, fv=None) -> None:
     ``sys.argv[0]``; a console script's ``__main__`` is a generated wrapper with neither. Call after defining flags.
     """
     from absl import flags
+
     fv = flags.FLAGS if fv is None else fv
     main = sys.modules.get("__main__")
     if main is not None and not main.__doc__ and doc:

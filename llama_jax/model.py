@@ -59,21 +59,27 @@ def default_dtype() -> jnp.dtype:
 #: Matmul weights (by parameter name) -> the logical axes they contract with their input (the "in" axes; the rest
 #: are the "out" axes). The same axes are reduced by int8 scales (llama_jax.quant).
 CONTRACTED_AXES: dict[str, tuple[str, ...]] = {
-    "embedding": ("embed",), "lm_head": ("embed",),
-    "q_proj": ("embed",), "k_proj": ("embed",), "v_proj": ("embed",), "o_proj": ("q_heads", "head_dim"),
-    "gate_proj": ("embed",), "up_proj": ("embed",), "down_proj": ("mlp",),
+    "embedding": ("embed",),
+    "lm_head": ("embed",),
+    "q_proj": ("embed",),
+    "k_proj": ("embed",),
+    "v_proj": ("embed",),
+    "o_proj": ("q_heads", "head_dim"),
+    "gate_proj": ("embed",),
+    "up_proj": ("embed",),
+    "down_proj": ("mlp",),
 }
 #: "in_out": contracted axes first (the checkpoint format); "out_in": contracted axes last (the CPU decode layout).
 WEIGHT_LAYOUTS = ("in_out", "out_in")
 
 
 def _is_quantized(value) -> bool:
-    return hasattr(value, "q") and hasattr(value, "scale")                  # llama_jax.quant.QArray
+    return hasattr(value, "q") and hasattr(value, "scale")  # llama_jax.quant.QArray
 
 
 def _axes(param: nnx.Variable, ndim: int) -> tuple[str, ...]:
     axes = tuple(param.get_metadata().get("out_sharding") or ())
-    if len(axes) == ndim + 1 and axes[0] == "layers":                       # a layer of a stacked weight (scan)
+    if len(axes) == ndim + 1 and axes[0] == "layers":  # a layer of a stacked weight (scan)
         axes = axes[1:]
     if len(axes) != ndim:
         raise ValueError(f"parameter of shape ndim {ndim} has logical axes {axes}: cannot tell its layout")
@@ -101,10 +107,10 @@ def project(x: jax.Array, param: nnx.Variable, name: str, out_dtype=None) -> jax
     n_in = len(CONTRACTED_AXES[name])
     out_in = _axes(param, w.ndim)[0] not in CONTRACTED_AXES[name]
     in_shape, out_shape = (w.shape[-n_in:], w.shape[:-n_in]) if out_in else (w.shape[:n_in], w.shape[n_in:])
-    if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
+    if tuple(x.shape[x.ndim - n_in :]) != tuple(in_shape):
         raise ValueError(f"{name}: activations {x.shape} do not end in the weight's input axes {in_shape}")
     n_i, n_o = math.prod(in_shape), math.prod(out_shape)
-    lead = x.shape[:x.ndim - n_in]
+    lead = x.shape[: x.ndim - n_in]
     x2 = x.reshape(-1, n_i)
     if out_in:
         y = jnp.matmul(x2, w.reshape(n_o, n_i).astype(x.dtype).T, preferred_element_type=out_dtype)
@@ -162,18 +168,19 @@ class Embedder(nnx.Module):
     def encode(self, tokens: jax.Array, dtype) -> jax.Array:
         """int32 [B, T] -> [B, T, D] in ``dtype``. An int8 table (llama_jax.quant) dequantizes only the rows read."""
         table = self.embedding.get_value()
-        if hasattr(table, "q") and hasattr(table, "scale"):           # llama_jax.quant.QArray, per-row scales
+        if hasattr(table, "q") and hasattr(table, "scale"):  # llama_jax.quant.QArray, per-row scales
             rows = jnp.take(table.q, tokens, axis=0).astype(dtype)
             return rows * jnp.take(table.scale, tokens, axis=0).astype(dtype)
         return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V] (tied output head; an int8 table scales the logits per token)."""
-        return project(x, self.embedding, "embedding", jnp.float32)                     # [B, T, V]
+        return project(x, self.embedding, "embedding", jnp.float32)  # [B, T, V]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          implementation: str | None = None) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str | None = None
+) -> jax.Array:
     """Dense grouped-query attention with an explicit mask (kept for callers; the model uses
     :func:`llama_jax.attention.attend`).
 
@@ -217,24 +224,40 @@ class Attention(nnx.Module):
         <= their positions (:func:`llama_jax.attention.attend`, which reads only the blocks it needs).
         Returns (out [B, T, D], kv').
         """
-        dtype = x.dtype
-        q = project(x, self.q_proj, "q_proj")                                           # [B, T, N, H]
-        k = project(x, self.k_proj, "k_proj")                                           # [B, T, K, H]
-        v = project(x, self.v_proj, "v_proj")                                           # [B, T, K, H]
+        q = project(x, self.q_proj, "q_proj")  # [B, T, N, H]
+        k = project(x, self.k_proj, "k_proj")  # [B, T, K, H]
+        v = project(x, self.v_proj, "v_proj")  # [B, T, K, H]
         q = apply_rope(q, positions, self.config)
         k = apply_rope(k, positions, self.config)
         block = attention_block
         if kv is None:
-            out = attention.attend(q, k, v, positions, cached=False, segment_ids=segment_ids,
-                                   implementation=attention_impl, block_size=block)
+            out = attention.attend(
+                q,
+                k,
+                v,
+                positions,
+                cached=False,
+                segment_ids=segment_ids,
+                implementation=attention_impl,
+                block_size=block,
+            )
         else:
             cache, layer = kv
-            cache = cache.write(layer, positions, k, v)                                    # [L, B, S, K, H]
+            cache = cache.write(layer, positions, k, v)  # [L, B, S, K, H]
             kv = (cache, layer)
-            out = attention.attend(q, cache.k, cache.v, positions, cached=True, k_scale=cache.k_scale,
-                                   v_scale=cache.v_scale, layer=layer, implementation=attention_impl,
-                                   block_size=block)
-        return project(out, self.o_proj, "o_proj"), kv                                  # [B, T, D]
+            out = attention.attend(
+                q,
+                cache.k,
+                cache.v,
+                positions,
+                cached=True,
+                k_scale=cache.k_scale,
+                v_scale=cache.v_scale,
+                layer=layer,
+                implementation=attention_impl,
+                block_size=block,
+            )
+        return project(out, self.o_proj, "o_proj"), kv  # [B, T, D]
 
 
 class MLP(nnx.Module):
@@ -248,9 +271,9 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, lead + (f, d), lax + ("mlp", "embed"), param_dtype, 0.02)
 
     def __call__(self, x):
-        gate = project(x, self.gate_proj, "gate_proj")                                  # [B, T, F]
-        up = project(x, self.up_proj, "up_proj")                                        # [B, T, F]
-        return project(jax.nn.silu(gate) * up, self.down_proj, "down_proj")             # [B, T, D]
+        gate = project(x, self.gate_proj, "gate_proj")  # [B, T, F]
+        up = project(x, self.up_proj, "up_proj")  # [B, T, F]
+        return project(jax.nn.silu(gate) * up, self.down_proj, "down_proj")  # [B, T, D]
 
 
 class Block(nnx.Module):
@@ -271,8 +294,12 @@ class Block(nnx.Module):
         return x + self.mlp(self.ffn_norm(x)), kv
 
 
-def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
-                   q_segments: jax.Array | None = None, k_segments: jax.Array | None = None) -> jax.Array:
+def attention_mask(
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    q_segments: jax.Array | None = None,
+    k_segments: jax.Array | None = None,
+) -> jax.Array:
     """Causal mask by position: bool [B, T, S], True where k_position <= q_position (and segments agree).
 
     The model no longer builds masks (:func:`llama_jax.attention.attend` masks inside its blocks); kept for
@@ -315,11 +342,21 @@ class Llama(nnx.Module):
     documents apart; with ``kv_cache`` returns ``(logits, kv_cache)``.
     """
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=None, dtype=None,
-                 attention_impl: str | None = None, remat: str | None = None, attention_block: int | None = None):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=None,
+        dtype=None,
+        attention_impl: str | None = None,
+        remat: str | None = None,
+        attention_block: int | None = None,
+    ):
         if attention_impl not in (None,) + attention.IMPLEMENTATIONS:
-            raise ValueError(f"attention_impl must be one of {attention.IMPLEMENTATIONS} or None, "
-                             f"got {attention_impl!r}")
+            raise ValueError(
+                f"attention_impl must be one of {attention.IMPLEMENTATIONS} or None, got {attention_impl!r}"
+            )
         if attention_block is not None and attention_block < 1:
             raise ValueError(f"attention_block must be positive, got {attention_block}")
         if remat not in _REMAT_POLICIES:
@@ -341,9 +378,15 @@ class Llama(nnx.Module):
     def is_stacked(self) -> bool:
         return isinstance(self.layers, Block)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-                 kv_cache: KVCache | None = None, segment_ids: jax.Array | None = None,
-                 return_hidden: bool = False):
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
+        return_hidden: bool = False,
+    ):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int32 [B, T], got shape {tokens.shape}")
         b, t = tokens.shape
@@ -354,7 +397,7 @@ class Llama(nnx.Module):
 
         if kv_cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packed documents) apply to the uncached forward only, not with kv_cache")
-        x = self.embedder.encode(tokens, self.dtype)                                   # [B, T, D]
+        x = self.embedder.encode(tokens, self.dtype)  # [B, T, D]
         x, kv_cache = self._apply_layers(x, positions, segment_ids, kv_cache)
         x = self.final_norm(x)
         if return_hidden:
@@ -366,12 +409,12 @@ class Llama(nnx.Module):
         """Final-normed hidden states [B, T, D] -> float32 logits [B, T, V]."""
         if self.config.tie_word_embeddings:
             return self.embedder.decode(x)
-        return project(x, self.lm_head, "lm_head", jnp.float32)                         # [B, T, V]
+        return project(x, self.lm_head, "lm_head", jnp.float32)  # [B, T, V]
 
     def _apply_layers(self, x, positions, segment_ids, kv_cache):
         impl, blk = self.attention_impl, getattr(self, "attention_block", None)
         new_lengths = None if kv_cache is None else positions[:, -1] + 1
-        if not self.is_stacked:                       # unstacked: a Python loop over per-layer blocks
+        if not self.is_stacked:  # unstacked: a Python loop over per-layer blocks
             for i, block in enumerate(self.layers):
                 x, kv = block(x, positions, segment_ids, None if kv_cache is None else (kv_cache, i), impl, blk)
                 kv_cache = None if kv is None else kv[0]
@@ -381,9 +424,11 @@ class Llama(nnx.Module):
 
         graphdef, state = nnx.split(self.layers)
         if kv_cache is None:
+
             def body(x, layer_state):
                 x, _ = nnx.merge(graphdef, layer_state)(x, positions, segment_ids, None, impl, blk)
                 return x, None
+
             if self.remat is not None:
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
             x, _ = jax.lax.scan(body, x, state)
@@ -401,12 +446,12 @@ class Llama(nnx.Module):
     def _matmul_params(self):
         """(name, Param) of every matmul weight whose layout :meth:`set_weight_layout` changes (not the table)."""
         for path, var in nnx.iter_graph(self):
-            if (isinstance(var, nnx.Param) and path and path[-1] in CONTRACTED_AXES and path[-1] != "embedding"):
+            if isinstance(var, nnx.Param) and path and path[-1] in CONTRACTED_AXES and path[-1] != "embedding":
                 yield path[-1], var
 
     @property
     def weight_layout(self) -> str:
-        """"in_out" (the checkpoint's, contracted axes first) or "out_in" (contracted axes last); see the module
+        """ "in_out" (the checkpoint's, contracted axes first) or "out_in" (contracted axes last); see the module
         docstring."""
         name, var = next(self._matmul_params())
         axes = [a for a in var.get_metadata()["out_sharding"] if a != "layers"]
@@ -431,7 +476,7 @@ class Llama(nnx.Module):
             perm = _layout_perm(axes, name, layout)
             if perm == tuple(range(len(axes))):
                 continue
-            var.set_value(None)                                   # drop our reference before the new copy lands
+            var.set_value(None)  # drop our reference before the new copy lands
             var.set_value(_permute_value(value, perm))
             del value
             var.set_metadata("out_sharding", tuple(axes[i] for i in perm))
@@ -478,8 +523,7 @@ class Llama(nnx.Module):
                     new.set_metadata("out_sharding", tuple(axes[1:]))
                 per_layer[i].append((path, new))
             del slices
-        self.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state(items))
-                                for items in per_layer])
+        self.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state(items)) for items in per_layer])
 
     def stack_layers(self) -> None:
         """Inverse of :meth:`unstack_layers` (parameter by parameter: the per-layer arrays of one parameter are

@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import sharding as S
 from llama_jax.config import LlamaConfig, get_preset
+
 # int8 weights: the planner measures exactly the tree that real quantized models hold.
 from llama_jax.quant import QUANT_REDUCE, QArray, abstract_quantized_state, quantize_state  # noqa: F401
 
@@ -51,6 +52,7 @@ GB = 1e9
 #: Device memory in GB (10^9 bytes), as sold.
 DEVICES = {"H200": 141.0, "H100": 80.0, "TPU v5p": 95.0, "TPU v5e": 16.0, "TPU v6e": 32.0}
 QUANT = ("none", "int8")
+
 
 # ------------------------------------------------------------------------------------------- planning
 @dataclasses.dataclass
@@ -87,10 +89,22 @@ def _analysis(compiled):
     return int(m.temp_size_in_bytes), other
 
 
-def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch: int = 1,
-         max_length: int = 131072, prefill_length: int = 512, train: bool = False, train_length: int = 4096,
-         remat: str = "full", rules=None, bf16_as_f16: bool = True, log=print,
-         attention_impl: str | None = None) -> list[ProgramMemory]:
+def plan(
+    config: LlamaConfig,
+    mesh,
+    dtype="bfloat16",
+    quant: str = "none",
+    batch: int = 1,
+    max_length: int = 131072,
+    prefill_length: int = 512,
+    train: bool = False,
+    train_length: int = 4096,
+    remat: str = "full",
+    rules=None,
+    bf16_as_f16: bool = True,
+    log=print,
+    attention_impl: str | None = None,
+) -> list[ProgramMemory]:
     """Lowers and compiles prefill, decode (and the train step) for abstract sharded inputs; returns their memory.
 
     Args:
@@ -125,8 +139,15 @@ def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch
         # 2 bytes) is converted one layer at a time inside the loop; the bytes of every array are unchanged.
         dtype = jnp.dtype(jnp.float16)
     S.validate(config, mesh, rules)
-    graphdef, state = S.abstract_state(config, mesh, rules, param_dtype=dtype, dtype=dtype,
-                                       remat=remat if train else None, attention_impl=attention_impl)
+    graphdef, state = S.abstract_state(
+        config,
+        mesh,
+        rules,
+        param_dtype=dtype,
+        dtype=dtype,
+        remat=remat if train else None,
+        attention_impl=attention_impl,
+    )
     if quant == "int8":
         state = abstract_quantized_state(state, embeddings=True, mesh=mesh, rules=rules)
     param_bytes = tree_bytes_per_device(state)
@@ -147,8 +168,9 @@ def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch
         start = time.perf_counter()
         compiled = serve_jit.lower(state, tokens, cache).compile()
         temp, other = _analysis(compiled)
-        out.append(ProgramMemory(f"{name} (T={t})", param_bytes, cache_bytes, 0, temp, other,
-                                 time.perf_counter() - start))
+        out.append(
+            ProgramMemory(f"{name} (T={t})", param_bytes, cache_bytes, 0, temp, other, time.perf_counter() - start)
+        )
         log(f"compiled {out[-1].name} in {out[-1].compile_s:.1f} s")
 
     if train:
@@ -158,19 +180,27 @@ def plan(config: LlamaConfig, mesh, dtype="bfloat16", quant: str = "none", batch
 
 def _plan_train(config, graphdef, state, mesh, batch, length, rules, param_bytes, log) -> ProgramMemory:
     import optax
+
     from llama_jax import train as T
+
     cfg = T.TrainConfig(remat=None, warmup_steps=1)
     tx = T.make_optimizer(cfg, state)
     opt_state = jax.eval_shape(tx.init, state)
     rep = NamedSharding(mesh, PartitionSpec())
     param_sh = jax.tree.map(lambda x: x.sharding, state)
-    opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, sh: sh, opt_state, param_sh,
-                                              transform_non_params=lambda _: rep)
+    opt_sh = optax.tree_utils.tree_map_params(
+        tx, lambda _, sh: sh, opt_state, param_sh, transform_non_params=lambda _: rep
+    )
     opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt_state, opt_sh)
     tok_sh = S.batch_sharding(mesh, (batch, length), rules)
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=tok_sh)
-    batch_tree = {"tokens": tokens, "positions": tokens, "segment_ids": tokens, "targets": tokens,
-                  "loss_mask": jax.ShapeDtypeStruct((batch, length), jnp.float32, sharding=tok_sh)}
+    batch_tree = {
+        "tokens": tokens,
+        "positions": tokens,
+        "segment_ids": tokens,
+        "targets": tokens,
+        "loss_mask": jax.ShapeDtypeStruct((batch, length), jnp.float32, sharding=tok_sh),
+    }
 
     def step(state, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: T.loss_fn(graphdef, p, batch))(state)
@@ -178,11 +208,21 @@ def _plan_train(config, graphdef, state, mesh, batch, length, rules, param_bytes
         return optax.apply_updates(state, updates), opt_state, loss
 
     start = time.perf_counter()
-    compiled = jax.jit(step, out_shardings=(param_sh, opt_sh, rep), donate_argnums=(0, 1)).lower(
-        state, opt_state, batch_tree).compile()
+    compiled = (
+        jax.jit(step, out_shardings=(param_sh, opt_sh, rep), donate_argnums=(0, 1))
+        .lower(state, opt_state, batch_tree)
+        .compile()
+    )
     temp, other = _analysis(compiled)
-    mem = ProgramMemory(f"train step (T={length})", param_bytes, 0, tree_bytes_per_device(opt_state), temp, other,
-                        time.perf_counter() - start)
+    mem = ProgramMemory(
+        f"train step (T={length})",
+        param_bytes,
+        0,
+        tree_bytes_per_device(opt_state),
+        temp,
+        other,
+        time.perf_counter() - start,
+    )
     log(f"compiled {mem.name} in {mem.compile_s:.1f} s")
     return mem
 
@@ -195,14 +235,21 @@ def expected_param_bytes(config: LlamaConfig, mesh, dtype) -> float:
 
 
 def format_report(progs: list[ProgramMemory], usable_fraction: float, title: str) -> str:
-    lines = [title, f"{'program':<24}{'params':>10}{'kv cache':>10}{'optimizer':>10}{'XLA temp':>10}"
-             f"{'outputs':>10}{'total':>10}   (GB per device)"]
+    lines = [
+        title,
+        f"{'program':<24}{'params':>10}{'kv cache':>10}{'optimizer':>10}{'XLA temp':>10}"
+        f"{'outputs':>10}{'total':>10}   (GB per device)",
+    ]
     for p in progs:
-        lines.append(f"{p.name:<24}" + "".join(f"{v / GB:>10.2f}" for v in
-                                                (p.params, p.cache, p.optimizer, p.temp, p.other_outputs, p.total)))
+        lines.append(
+            f"{p.name:<24}"
+            + "".join(f"{v / GB:>10.2f}" for v in (p.params, p.cache, p.optimizer, p.temp, p.other_outputs, p.total))
+        )
     peak = max(p.total for p in progs)
-    fits = [f"{d} ({cap:g} GB): {'fits' if peak <= cap * GB * usable_fraction else 'does NOT fit'}"
-            for d, cap in DEVICES.items()]
+    fits = [
+        f"{d} ({cap:g} GB): {'fits' if peak <= cap * GB * usable_fraction else 'does NOT fit'}"
+        for d, cap in DEVICES.items()
+    ]
     lines.append(f"peak {peak / GB:.2f} GB per device; against {usable_fraction:.0%} of device memory:")
     lines.extend("  " + f for f in fits)
     return "\n".join(lines)
@@ -211,6 +258,7 @@ def format_report(progs: list[ProgramMemory], usable_fraction: float, title: str
 # ------------------------------------------------------------------------------------------- CLI
 def _flags():
     from absl import flags
+
     flags.DEFINE_string("model", "llama3.1-405b", "preset name (llama_jax.config.PRESETS)")
     flags.DEFINE_string("mesh", "tensor=8", "mesh, e.g. data=1,fsdp=2,tensor=4 (one fake CPU device per position)")
     flags.DEFINE_string("dtype", "bfloat16", "parameter / activation / KV-cache dtype")
@@ -226,22 +274,25 @@ def _flags():
     return flags.FLAGS
 
 
-MAX_PLAN_DEVICES = 1024   # one fake CPU device per mesh position; XLA:CPU refuses meshes of 4096 (tried)
+MAX_PLAN_DEVICES = 1024  # one fake CPU device per mesh position; XLA:CPU refuses meshes of 4096 (tried)
 PLAN_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def main(argv):
     FLAGS = _flags_holder[0]
     from llama_jax.logs import quiet_unless_verbose
-    quiet_unless_verbose()         # no libtpu "Unable to initialize backend 'tpu'" INFO line
+
+    quiet_unless_verbose()  # no libtpu "Unable to initialize backend 'tpu'" INFO line
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     try:
         sizes = S.parse_mesh_sizes(FLAGS.mesh)
         if math.prod(sizes.values()) > MAX_PLAN_DEVICES:
-            raise ValueError(f"--mesh={FLAGS.mesh} describes {math.prod(sizes.values())} devices; the planner "
-                             f"describes at most {MAX_PLAN_DEVICES} (plan one slice: memory per device depends on "
-                             "the shards, not on how many copies of the slice run)")
+            raise ValueError(
+                f"--mesh={FLAGS.mesh} describes {math.prod(sizes.values())} devices; the planner "
+                f"describes at most {MAX_PLAN_DEVICES} (plan one slice: memory per device depends on "
+                "the shards, not on how many copies of the slice run)"
+            )
         config = get_preset(FLAGS.model)
         if FLAGS.dtype not in PLAN_DTYPES:
             raise ValueError(f"--dtype={FLAGS.dtype!r}: expected one of {', '.join(PLAN_DTYPES)}")
@@ -261,34 +312,59 @@ def main(argv):
         pass
     cpus = jax.devices("cpu")
     if len(cpus) < n:
-        print(f"error: --mesh={FLAGS.mesh} needs {n} CPU devices, only {len(cpus)} available "
-              f"(set XLA_FLAGS=--xla_force_host_platform_device_count={n})", file=sys.stderr)
+        print(
+            f"error: --mesh={FLAGS.mesh} needs {n} CPU devices, only {len(cpus)} available "
+            f"(set XLA_FLAGS=--xla_force_host_platform_device_count={n})",
+            file=sys.stderr,
+        )
         return 2
     try:
         mesh = S.make_mesh(**sizes, devices=cpus[:n])
         start = time.perf_counter()
-        progs = plan(config, mesh, dtype, FLAGS.quant, FLAGS.batch, FLAGS.max_length, FLAGS.prefill_length,
-                     FLAGS.train, FLAGS.train_length, None if FLAGS.remat == "none" else FLAGS.remat)
+        progs = plan(
+            config,
+            mesh,
+            dtype,
+            FLAGS.quant,
+            FLAGS.batch,
+            FLAGS.max_length,
+            FLAGS.prefill_length,
+            FLAGS.train,
+            FLAGS.train_length,
+            None if FLAGS.remat == "none" else FLAGS.remat,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except jax.errors.JaxRuntimeError as e:
-        print(f"error: --mesh={FLAGS.mesh}: XLA cannot plan on this mesh ({str(e).splitlines()[0][:200]})",
-              file=sys.stderr)
+        print(
+            f"error: --mesh={FLAGS.mesh}: XLA cannot plan on this mesh ({str(e).splitlines()[0][:200]})",
+            file=sys.stderr,
+        )
         return 2
-    title = (f"{FLAGS.model} dtype={dtype.name} quant={FLAGS.quant} mesh={FLAGS.mesh} batch={FLAGS.batch} "
-             f"max_length={FLAGS.max_length} ({config.num_params() / 1e9:.1f}B parameters; "
-             f"arithmetic params/device {expected_param_bytes(config, mesh, dtype) / GB:.2f} GB"
-             f"{' before int8' if FLAGS.quant == 'int8' else ''}; planned in {time.perf_counter() - start:.0f} s)")
+    title = (
+        f"{FLAGS.model} dtype={dtype.name} quant={FLAGS.quant} mesh={FLAGS.mesh} batch={FLAGS.batch} "
+        f"max_length={FLAGS.max_length} ({config.num_params() / 1e9:.1f}B parameters; "
+        f"arithmetic params/device {expected_param_bytes(config, mesh, dtype) / GB:.2f} GB"
+        f"{' before int8' if FLAGS.quant == 'int8' else ''}; planned in {time.perf_counter() - start:.0f} s)"
+    )
     print(format_report(progs, FLAGS.usable_fraction, title))
     if FLAGS.json_out:
         import json
         import os
+
         peak = max(p.total for p in progs)
-        report = {"model": FLAGS.model, "mesh": sizes, "dtype": jnp.dtype(FLAGS.dtype).name, "quant": FLAGS.quant,
-                  "batch": FLAGS.batch, "max_length": FLAGS.max_length, "num_params": config.num_params(),
-                  "programs": [dict(dataclasses.asdict(p), total=p.total) for p in progs],
-                  "fits": {d: peak <= cap * GB * FLAGS.usable_fraction for d, cap in DEVICES.items()}}
+        report = {
+            "model": FLAGS.model,
+            "mesh": sizes,
+            "dtype": jnp.dtype(FLAGS.dtype).name,
+            "quant": FLAGS.quant,
+            "batch": FLAGS.batch,
+            "max_length": FLAGS.max_length,
+            "num_params": config.num_params(),
+            "programs": [dict(dataclasses.asdict(p), total=p.total) for p in progs],
+            "fits": {d: peak <= cap * GB * FLAGS.usable_fraction for d, cap in DEVICES.items()},
+        }
         tmp = FLAGS.json_out + ".tmp"
         try:
             with open(tmp, "w") as f:
@@ -306,5 +382,6 @@ _flags_holder: list = []
 
 if __name__ == "__main__":
     from absl import app
+
     _flags_holder.append(_flags())
     app.run(main)

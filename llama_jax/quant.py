@@ -31,7 +31,8 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,11 +125,13 @@ def quantize_state(state, embeddings: bool = True):
 
     Already-quantized parameters are left as they are. ``embeddings=False`` keeps the embedding table float.
     """
+
     def one(path, var):
         name = _quant_name(path, embeddings)
         if name is None or not isinstance(var, nnx.Param) or isinstance(var.get_value(), QArray):
             return var
         return var.replace(quantize_array(var.get_value(), _reduce_axes(var, name)))
+
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
 
 
@@ -156,6 +159,7 @@ def abstract_quantized_state(state, embeddings: bool = True, mesh=None, rules=No
     :func:`llama_jax.sharding.named_sharding` over ``mesh`` when one is given (the reduced axes are then
     replicated). This is the tree the memory planner should measure for ``--quant=int8``.
     """
+
     def one(path, var):
         name = _quant_name(path, embeddings)
         if name is None or not isinstance(var, nnx.Param):
@@ -168,10 +172,12 @@ def abstract_quantized_state(state, embeddings: bool = True, mesh=None, rules=No
         scale_sh = None
         if mesh is not None:
             from llama_jax import sharding as S
+
             scale_sh = S.named_sharding(axes, scale_shape, mesh, rules)
         q = jax.ShapeDtypeStruct(sds.shape, jnp.int8, sharding=sh)
         scale = jax.ShapeDtypeStruct(scale_shape, sds.dtype, sharding=scale_sh)
         return var.replace(QArray(q=q, scale=scale))
+
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
 
 
@@ -183,11 +189,15 @@ def param_bytes(model_or_state) -> int:
 
 # ---------------------------------------------------------------------------------------------------- storage
 
+
 def _pure(state) -> dict:
     """nnx.State -> nested dict of arrays; a QArray becomes {"q": ..., "scale": ...}."""
     tree = nnx.to_pure_dict(state)
-    return jax.tree.map(lambda x: {"q": x.q, "scale": x.scale} if isinstance(x, QArray) else x, tree,
-                        is_leaf=lambda x: isinstance(x, QArray))
+    return jax.tree.map(
+        lambda x: {"q": x.q, "scale": x.scale} if isinstance(x, QArray) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, QArray),
+    )
 
 
 def save(path: str | os.PathLike, model, tokenizer_files=(), overwrite: bool = False) -> str:
@@ -199,21 +209,23 @@ def save(path: str | os.PathLike, model, tokenizer_files=(), overwrite: bool = F
     ValueError (the model is not quantized).
     """
     from llama_jax import checkpoint as ckpt
+
     ocp = ckpt._orbax()
     path = os.path.abspath(os.fspath(path))
     if not is_quantized(model):
         raise ValueError("quant.save: model has no int8 parameters (use llama_jax.checkpoint.save)")
     ckpt._check_new_path(path, overwrite)
-    with model.checkpoint_form():          # stacked layers, "in_out" weights (restored afterwards)
+    with model.checkpoint_form():  # stacked layers, "in_out" weights (restored afterwards)
         state = nnx.state(model, nnx.Param)
         tree = _pure(state)
-        quantized = [".".join(_names(p[:-1])) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-                     if _names(p)[-1] == "q"]
+        quantized = [
+            ".".join(_names(p[:-1])) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0] if _names(p)[-1] == "q"
+        ]
         tmp = ckpt._temp_sibling(path)
         try:
             ckpt._copy_tokenizer(tmp, tokenizer_files)
             handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-            with quiet_orbax(), ocp.Checkpointer(handler) as ckptr:   # no OCDBT-merge note
+            with quiet_orbax(), ocp.Checkpointer(handler) as ckptr:  # no OCDBT-merge note
                 ckptr.save(os.path.join(tmp, ckpt.PARAMS_DIR), args=ocp.args.PyTreeSave(tree))
             with open(os.path.join(tmp, QUANT_FILE), "w") as f:
                 json.dump({"mode": "int8", "quantized": sorted(quantized)}, f, indent=2)
@@ -226,7 +238,7 @@ def save(path: str | os.PathLike, model, tokenizer_files=(), overwrite: bool = F
 
 
 def stored_quant(path: str | os.PathLike) -> str:
-    """"int8" if checkpoint ``path`` stores int8 weights (has quant.json), else "none"."""
+    """ "int8" if checkpoint ``path`` stores int8 weights (has quant.json), else "none"."""
     f = os.path.join(os.fspath(path), QUANT_FILE)
     if not os.path.isfile(f):
         return "none"
@@ -237,8 +249,14 @@ def stored_quant(path: str | os.PathLike) -> str:
     return mode
 
 
-def load(path: str | os.PathLike, quant: str = "none", dtype=None, mesh=None, rules: Mapping | None = None,
-         embeddings: bool = True):
+def load(
+    path: str | os.PathLike,
+    quant: str = "none",
+    dtype=None,
+    mesh=None,
+    rules: Mapping | None = None,
+    embeddings: bool = True,
+):
     """Loads checkpoint ``path`` with weights in ``quant`` form.
 
     Args:
@@ -255,6 +273,7 @@ def load(path: str | os.PathLike, quant: str = "none", dtype=None, mesh=None, ru
     from llama_jax import checkpoint as ckpt
     from llama_jax import sharding as S
     from llama_jax.model import default_dtype
+
     if quant not in QUANT_MODES:
         raise ValueError(f"--quant must be one of {QUANT_MODES}, got {quant!r}")
     if stored_quant(path) == "none":
@@ -267,32 +286,45 @@ def load(path: str | os.PathLike, quant: str = "none", dtype=None, mesh=None, ru
         stored = set(json.load(f)["quantized"])
     config = ckpt.read_config(path)
     if mesh is not None:
-        S.validate(config, mesh, rules)    # the rule of checkpoint.load and sharding.init_sharded
+        S.validate(config, mesh, rules)  # the rule of checkpoint.load and sharding.init_sharded
     dtype = jnp.dtype(dtype or default_dtype())
     mesh = mesh or ckpt._default_mesh()
     abstract = ckpt.abstract_model(config, dtype)
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = S.state_shardings(abs_params, mesh, rules)
-    abs_params = jax.tree.map(lambda v, sh: v.replace(jax.ShapeDtypeStruct(v.get_value().shape,
-                                                                           v.get_value().dtype, sharding=sh.get_value()
-                                                                           if _is_var(sh) else sh)),
-                              abs_params, shardings, is_leaf=_is_var)
+    abs_params = jax.tree.map(
+        lambda v, sh: v.replace(
+            jax.ShapeDtypeStruct(
+                v.get_value().shape, v.get_value().dtype, sharding=sh.get_value() if _is_var(sh) else sh
+            )
+        ),
+        abs_params,
+        shardings,
+        is_leaf=_is_var,
+    )
     with_emb = "embedder.embedding" in stored
     abs_q = abstract_quantized_state(abs_params, embeddings=with_emb, mesh=mesh, rules=rules)
-    names_q = {".".join(_names(p)) for p, v in jax.tree_util.tree_flatten_with_path(abs_q, is_leaf=_is_var)[0]
-               if isinstance(v.get_value(), QArray)}
+    names_q = {
+        ".".join(_names(p))
+        for p, v in jax.tree_util.tree_flatten_with_path(abs_q, is_leaf=_is_var)[0]
+        if isinstance(v.get_value(), QArray)
+    }
     if names_q != stored:
-        raise ValueError(f"{os.path.join(path, QUANT_FILE)}: quantized parameters {sorted(stored)} differ from "
-                         f"the expected {sorted(names_q)}")
+        raise ValueError(
+            f"{os.path.join(path, QUANT_FILE)}: quantized parameters {sorted(stored)} differ from "
+            f"the expected {sorted(names_q)}"
+        )
     target = _pure(abs_q)
 
     def restore_arg(leaf):
         return ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype, global_shape=leaf.shape)
+
     restore_args = jax.tree.map(restore_arg, target)
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
     with ocp.Checkpointer(handler) as ckptr:
-        restored = ckptr.restore(os.path.join(path, ckpt.PARAMS_DIR),
-                                 args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+        restored = ckptr.restore(
+            os.path.join(path, ckpt.PARAMS_DIR), args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+        )
 
     def put(p, var):
         node = restored
@@ -304,5 +336,6 @@ def load(path: str | os.PathLike, quant: str = "none", dtype=None, mesh=None, ru
                 value = value.dequantize()
             return var.replace(value)
         return var.replace(node)
+
     params = jax.tree_util.tree_map_with_path(put, abs_q, is_leaf=_is_var)
     return nnx.merge(graphdef, params, rest)

@@ -88,12 +88,12 @@ def _bisect(pred, key: jax.Array) -> jax.Array:
 
 
 def filter_logits(
-        logits: jax.Array,
-        *,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        min_p=0.0,
+    logits: jax.Array,
+    *,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
 ) -> jax.Array:
     """Scale logits by temperature and set the tokens excluded by top-k / top-p / min-p to -inf.
 
@@ -143,8 +143,11 @@ def filter_logits(
             # by bisection on the float32 bit patterns (32 steps of [B, V] reductions), then ties
             # at the cut-off are resolved by index with a cumulative sum.
             key = _order_key(z)  # [B, V] int32, same order as z
+
             # top-k: smallest cut c with #(key > c) < k; keep key > c, and the first ties at c.
-            count_above = lambda c: jnp.sum(key > c, axis=-1, keepdims=True, dtype=jnp.int32)
+            def count_above(c):
+                return jnp.sum(key > c, axis=-1, keepdims=True, dtype=jnp.int32)
+
             cut = _bisect(lambda c: count_above(c) < k, key)
             tied = key == cut
             tie_rank = jnp.cumsum(tied, axis=-1, dtype=jnp.int32) - 1
@@ -153,7 +156,10 @@ def filter_logits(
             # top-p on the distribution renormalised over the top-k tokens.
             probs = jax.nn.softmax(jnp.where(keep_k, z, -jnp.inf), axis=-1)  # [B, V]
             target = p - _TOP_P_TOLERANCE
-            mass_above = lambda c: jnp.sum(jnp.where(key > c, probs, 0.0), axis=-1, keepdims=True)
+
+            def mass_above(c):
+                return jnp.sum(jnp.where(key > c, probs, 0.0), axis=-1, keepdims=True)
+
             cut = _bisect(lambda c: mass_above(c) < target, key)
             tied_probs = jnp.where(key == cut, probs, 0.0)
             mass_before = mass_above(cut) + jnp.cumsum(tied_probs, axis=-1) - tied_probs
@@ -162,8 +168,7 @@ def filter_logits(
 
         # The bisections cost about 64 [B, V] reductions: skip them at run time when no row uses
         # top-k or top-p (greedy rows never need them).
-        keep &= jax.lax.cond(
-            jnp.any(needs_rank), ranked_mask, lambda z: jnp.ones(z.shape, dtype=bool), z)
+        keep &= jax.lax.cond(jnp.any(needs_rank), ranked_mask, lambda z: jnp.ones(z.shape, dtype=bool), z)
 
     if not _is_static(min_p, lambda m: m <= 0.0):
         m = _row_param(min_p, jnp.float32)
@@ -188,13 +193,13 @@ def greedy(logits: jax.Array) -> jax.Array:
 
 
 def sample(
-        logits: jax.Array,
-        key: jax.Array,
-        *,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        min_p=0.0,
+    logits: jax.Array,
+    key: jax.Array,
+    *,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
 ) -> jax.Array:
     """Draw one token per row from the filtered distribution (see `filter_logits`).
 
@@ -213,8 +218,7 @@ def sample(
         ValueError: if `logits` is not 2-D or `key` has an unexpected shape.
     """
     logits = jnp.asarray(logits, dtype=jnp.float32)
-    filtered = filter_logits(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     batch = logits.shape[0]
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         single = key.ndim == 0
@@ -225,8 +229,7 @@ def sample(
     else:
         keys = key
     if keys.shape[0] != batch:
-        raise ValueError(
-                f"sample: key must be one PRNG key or {batch} keys (one per row), got shape {key.shape}")
+        raise ValueError(f"sample: key must be one PRNG key or {batch} keys (one per row), got shape {key.shape}")
     is_greedy = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32) <= 0.0, (batch,))
 
     def draw(filtered):
@@ -271,6 +274,7 @@ def validate_sampling(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> None:
         ValueError: naming the offending parameter (`temperature`, `top_k`, `top_p` or `min_p`) when a
             value is out of range, not finite, or (top_k) not an integer.
     """
+
     def arr(name, x):
         try:
             return np.asarray(x, dtype=np.float64)

@@ -180,12 +180,24 @@ class Scheduler:
     Call :meth:`start` (or use it as a context manager) before :meth:`submit`; :meth:`shutdown` at the end.
     """
 
-    def __init__(self, engine: Engine, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 steps_per_dispatch: int = 4, stop_ids: Sequence[int] | None = None, seed: int = 0,
-                 prefix_cache_pages: int = 0, page_size: int = 16):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        steps_per_dispatch: int = 4,
+        stop_ids: Sequence[int] | None = None,
+        seed: int = 0,
+        prefix_cache_pages: int = 0,
+        page_size: int = 16,
+    ):
         if max_batch < 1 or max_queue < 0 or steps_per_dispatch < 1:
-            raise ValueError(f"max_batch and steps_per_dispatch must be >= 1 and max_queue >= 0, got {max_batch}, "
-                             f"{steps_per_dispatch}, {max_queue}")
+            raise ValueError(
+                f"max_batch and steps_per_dispatch must be >= 1 and max_queue >= 0, got {max_batch}, "
+                f"{steps_per_dispatch}, {max_queue}"
+            )
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -207,10 +219,10 @@ class Scheduler:
         def score(params, tokens, k: int):
             """tokens int32 [1, T] -> log p of tokens[1:] [T-1], top-k (values [T-1, k], ids [T-1, k])."""
             model = nnx.merge(graphdef, params)
-            logits = model(tokens)                                                   # [1, T, V] float32
-            logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)   # [T-1, V]
-            chosen = jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]   # [T-1]
-            values, ids = jax.lax.top_k(logp, k)                                     # [T-1, k]
+            logits = model(tokens)  # [1, T, V] float32
+            logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)  # [T-1, V]
+            chosen = jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]  # [T-1]
+            values, ids = jax.lax.top_k(logp, k)  # [T-1, k]
             return chosen, values, ids
 
         self._score = jax.jit(score, static_argnames=("k",))
@@ -248,8 +260,10 @@ class Scheduler:
             raise ValueError(f"prompt holds token id {bad[0]} outside the vocabulary [0, {vocab})")
         need = len(prompt) + params.max_tokens
         if need > self.max_length or (params.max_tokens == 0 and len(prompt) > self.max_length):
-            raise ValueError(f"this model's maximum context length is {self.max_length} tokens; the prompt has "
-                             f"{len(prompt)} tokens and max_tokens is {params.max_tokens} ({need} in all)")
+            raise ValueError(
+                f"this model's maximum context length is {self.max_length} tokens; the prompt has "
+                f"{len(prompt)} tokens and max_tokens is {params.max_tokens} ({need} in all)"
+            )
 
     def submit(self, request: Request) -> Request:
         """Queues ``request``. Raises ValueError (see :meth:`check`), :class:`QueueFull`, :class:`ShuttingDown`."""
@@ -289,16 +303,30 @@ class Scheduler:
         """Rows in use, requests waiting, and counters (submitted, finished, cancelled, prompt tokens prefilled,
         tokens generated)."""
         with self._cond:
-            counters = {k: self._stats[k] for k in ("submitted", "finished", "cancelled", "prompt_tokens_prefilled",
-                                                    "prefix_cache_hit_tokens", "tokens_generated")}
-            out = {"rows": self.max_batch, "rows_in_use": sum(r is not None for r in self._rows),
-                   "waiting": len(self._waiting), **counters}
+            counters = {
+                k: self._stats[k]
+                for k in (
+                    "submitted",
+                    "finished",
+                    "cancelled",
+                    "prompt_tokens_prefilled",
+                    "prefix_cache_hit_tokens",
+                    "tokens_generated",
+                )
+            }
+            out = {
+                "rows": self.max_batch,
+                "rows_in_use": sum(r is not None for r in self._rows),
+                "waiting": len(self._waiting),
+                **counters,
+            }
         if self.prefix_cache is not None:
             out["prefix_cache"] = self.prefix_cache.stats()
         return out
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 timeout: float | None = None) -> Iterator[tuple[int, Result]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, timeout: float | None = None
+    ) -> Iterator[tuple[int, Result]]:
         """Runs every prompt through the running batch (the batch-job path of ``generate --output``): submits
         them as the queue has room and yields ``(index, Result)`` as each finishes (finishing order). Greedy
         results equal :meth:`Engine.generate_continuous`'s. Raises ValueError (see :meth:`check`) before
@@ -353,21 +381,30 @@ class Scheduler:
         b, length = self.max_batch, self.max_length
         stops = sorted(self.stop_ids) or [-1]
         return DecodeState(
-            cache=self.engine.new_cache(b, length), last_token=jnp.zeros((b,), jnp.int32),
-            tokens=jnp.zeros((b, length), jnp.int32), logprobs=jnp.zeros((b, length), jnp.float32),
-            num_generated=jnp.zeros((b,), jnp.int32), done=jnp.ones((b,), bool),
-            max_new=jnp.ones((b,), jnp.int32), stop_ids=jnp.asarray(stops, jnp.int32),
-            temperature=jnp.zeros((b,), jnp.float32), top_k=jnp.zeros((b,), jnp.int32),
-            top_p=jnp.ones((b,), jnp.float32), min_p=jnp.zeros((b,), jnp.float32),
-            key=jax.random.key(self.seed), step=jnp.int32(0))
+            cache=self.engine.new_cache(b, length),
+            last_token=jnp.zeros((b,), jnp.int32),
+            tokens=jnp.zeros((b, length), jnp.int32),
+            logprobs=jnp.zeros((b, length), jnp.float32),
+            num_generated=jnp.zeros((b,), jnp.int32),
+            done=jnp.ones((b,), bool),
+            max_new=jnp.ones((b,), jnp.int32),
+            stop_ids=jnp.asarray(stops, jnp.int32),
+            temperature=jnp.zeros((b,), jnp.float32),
+            top_k=jnp.zeros((b,), jnp.int32),
+            top_p=jnp.ones((b,), jnp.float32),
+            min_p=jnp.zeros((b,), jnp.float32),
+            key=jax.random.key(self.seed),
+            step=jnp.int32(0),
+        )
 
     def _mode(self, extra: Request | None = None) -> SamplingMode:
         reqs = [r for r in self._rows if r is not None] + ([extra] if extra is not None else [])
         if not reqs:
             return SamplingMode()
         p = [r.params for r in reqs]
-        return SamplingMode.of([x.temperature for x in p], [x.top_k for x in p], [x.top_p for x in p],
-                               [x.min_p for x in p])
+        return SamplingMode.of(
+            [x.temperature for x in p], [x.top_k for x in p], [x.top_p for x in p], [x.min_p for x in p]
+        )
 
     def _run(self) -> None:
         try:
@@ -414,7 +451,7 @@ class Scheduler:
             freed = [row for row in range(self.max_batch) if self._rows[row] is None]
             if freed:
                 done = np.asarray(ds.done)
-                if not done[freed].all():                     # a cancelled row: stop it on the device
+                if not done[freed].all():  # a cancelled row: stop it on the device
                     done = done.copy()
                     done[freed] = True
                     ds = ds.replace(done=jnp.asarray(done))
@@ -425,9 +462,17 @@ class Scheduler:
                 if p.seed is not None:
                     ds = ds.replace(key=jax.random.key(p.seed))
                 if self.prefix_cache is None:
-                    ds = self.engine.insert(ds, row, r.prompt, max_new_tokens=p.max_tokens,
-                                            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-                                            mode=self._mode())
+                    ds = self.engine.insert(
+                        ds,
+                        row,
+                        r.prompt,
+                        max_new_tokens=p.max_tokens,
+                        temperature=p.temperature,
+                        top_k=p.top_k,
+                        top_p=p.top_p,
+                        min_p=p.min_p,
+                        mode=self._mode(),
+                    )
                     hit = 0
                 else:
                     ds, hit = self._insert_with_prefix(ds, row, r)
@@ -458,12 +503,23 @@ class Scheduler:
         logits = jnp.zeros((1, eng.config.vocab_size), jnp.float32)
         last_index = jnp.asarray([n - 1], jnp.int32)
         for s in range(0, padded, chunk):
-            cache, logits = eng._prefill_chunk(eng.params, cache, jnp.asarray(block[:, s:s + chunk]),
-                                               jnp.int32(start + s), last_index, logits)
+            cache, logits = eng._prefill_chunk(
+                eng.params, cache, jnp.asarray(block[:, s : s + chunk]), jnp.int32(start + s), last_index, logits
+            )
         cache = cache.replace(lengths=jnp.asarray([n], jnp.int32))
         pc.store(r.prompt, cache, pages)
-        ds = eng._insert(ds, jnp.int32(row), cache, logits, jnp.int32(p.max_tokens), jnp.float32(p.temperature),
-                         jnp.int32(p.top_k), jnp.float32(p.top_p), jnp.float32(p.min_p), self._mode())
+        ds = eng._insert(
+            ds,
+            jnp.int32(row),
+            cache,
+            logits,
+            jnp.int32(p.max_tokens),
+            jnp.float32(p.temperature),
+            jnp.int32(p.top_k),
+            jnp.float32(p.top_p),
+            jnp.float32(p.min_p),
+            self._mode(),
+        )
         return ds, start
 
     def _drop_cancelled(self) -> None:
@@ -503,7 +559,7 @@ class Scheduler:
                 r.logprobs += lps
                 emitted[row] = int(counts[row])
                 text, hit = self._text(r)
-                delta = text[len(r.sent_text):] if text.startswith(r.sent_text) else ""
+                delta = text[len(r.sent_text) :] if text.startswith(r.sent_text) else ""
                 r.sent_text += delta
                 r._send(Event("token", text=delta, token_ids=tuple(ids), logprobs=tuple(lps)))
                 if hit:
@@ -568,7 +624,7 @@ class Scheduler:
                 result.prompt_logprobs = [None] + chosen[: n - 1].tolist()
             if k:
                 top = [list(zip(ids[t].tolist(), values[t].tolist(), strict=True)) for t in range(len(seq) - 1)]
-                result.top_logprobs = ([None] + top[: n - 1] if p.echo else []) + top[n - 1:]
+                result.top_logprobs = ([None] + top[: n - 1] if p.echo else []) + top[n - 1 :]
         with self._cond:
             self._stats["finished"] += 1
             self._stats["tokens_generated"] += len(r.tokens)
@@ -594,16 +650,16 @@ class PrefixCache:
         self.page_size, self.num_pages = page_size, num_pages
         pool = init_paged_cache(engine.config, num_pages, page_size, 1, 1, engine.model.dtype)
         self.k_pages, self.v_pages = pool.k_pages, pool.v_pages
-        self._key_of: dict[int, tuple] = {}                  # page -> (parent page or -1, token block)
+        self._key_of: dict[int, tuple] = {}  # page -> (parent page or -1, token block)
         self._page_of: dict[tuple, int] = {}
         self._children: dict[int, set[int]] = collections.defaultdict(set)
         self._refs = collections.Counter()
-        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()   # cached pages, oldest first
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached pages, oldest first
         self._free = list(range(num_pages))[::-1]
         self.hits = self.misses = 0
 
         def load(k_pages, v_pages, table, length: int):
-            k = gather_pages(k_pages, table[None])[:, :, :length]                 # [L, 1, S, K, H]
+            k = gather_pages(k_pages, table[None])[:, :, :length]  # [L, 1, S, K, H]
             v = gather_pages(v_pages, table[None])[:, :, :length]
             return KVCache(k=k, v=v, lengths=jnp.zeros((1,), jnp.int32))
 
@@ -613,8 +669,10 @@ class PrefixCache:
             s = cache.k.shape[2] // p * p
             kb = cache.k[:, 0, :s].reshape(cache.k.shape[0], -1, p, *cache.k.shape[3:])  # [L, S/P, P, K, H]
             vb = cache.v[:, 0, :s].reshape(cache.v.shape[0], -1, p, *cache.v.shape[3:])
-            return (k_pages.at[:, dest].set(kb[:, src].astype(k_pages.dtype), mode="drop"),
-                    v_pages.at[:, dest].set(vb[:, src].astype(v_pages.dtype), mode="drop"))
+            return (
+                k_pages.at[:, dest].set(kb[:, src].astype(k_pages.dtype), mode="drop"),
+                v_pages.at[:, dest].set(vb[:, src].astype(v_pages.dtype), mode="drop"),
+            )
 
         self._load = jax.jit(load, static_argnames=("length",))
         self._save = jax.jit(save, donate_argnames=("k_pages", "v_pages"))
@@ -624,7 +682,7 @@ class PrefixCache:
         token to prefill), most recently used now; their references are taken until :meth:`store`."""
         p, pages, parent = self.page_size, [], -1
         for i in range((len(prompt) - 1) // p):
-            page = self._page_of.get((parent, tuple(prompt[i * p:(i + 1) * p])))
+            page = self._page_of.get((parent, tuple(prompt[i * p : (i + 1) * p])))
             if page is None:
                 break
             pages.append(page)
@@ -652,7 +710,7 @@ class PrefixCache:
         dest, src = [], []
         protected = set(matched)
         for i in range(len(matched), full):
-            key = (parent, tuple(prompt[i * p:(i + 1) * p]))
+            key = (parent, tuple(prompt[i * p : (i + 1) * p]))
             page = self._page_of.get(key)
             if page is None:
                 page = self._allocate(protected)
@@ -672,8 +730,9 @@ class PrefixCache:
             d = np.full((m,), self.num_pages, np.int32)
             sidx = np.zeros((m,), np.int32)
             d[: len(dest)], sidx[: len(src)] = dest, src
-            self.k_pages, self.v_pages = self._save(self.k_pages, self.v_pages, cache, jnp.asarray(d),
-                                                    jnp.asarray(sidx))
+            self.k_pages, self.v_pages = self._save(
+                self.k_pages, self.v_pages, cache, jnp.asarray(d), jnp.asarray(sidx)
+            )
         for page in matched:
             self._refs[page] -= 1
 
@@ -695,5 +754,10 @@ class PrefixCache:
         self._free.append(page)
 
     def stats(self) -> dict:
-        return {"pages": self.num_pages, "pages_cached": len(self._key_of), "page_size": self.page_size,
-                "hits": self.hits, "misses": self.misses}
+        return {
+            "pages": self.num_pages,
+            "pages_cached": len(self._key_of),
+            "page_size": self.page_size,
+            "hits": self.hits,
+            "misses": self.misses,
+        }

@@ -56,8 +56,15 @@ RETRY_AFTER_S = 1
 class ApiError(Exception):
     """An OpenAI error response: HTTP ``status``, ``message``, ``type``, ``param`` (the field), ``code``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.headers = headers or {}
@@ -78,13 +85,23 @@ def _field(body: dict, name: str, kind: str, default: Any = _MISSING, *, lo=None
         if default is _MISSING:
             raise ApiError(400, f"'{name}' is a required property", name)
         return default
-    ok = {"int": isinstance(v, int) and not isinstance(v, bool),
-          "number": isinstance(v, (int, float)) and not isinstance(v, bool),
-          "bool": isinstance(v, bool), "str": isinstance(v, str), "list": isinstance(v, list),
-          "dict": isinstance(v, dict)}[kind]
+    ok = {
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "number": isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str),
+        "list": isinstance(v, list),
+        "dict": isinstance(v, dict),
+    }[kind]
     if not ok:
-        names = {"int": "an integer", "number": "a number", "bool": "a boolean", "str": "a string",
-                 "list": "an array", "dict": "an object"}
+        names = {
+            "int": "an integer",
+            "number": "a number",
+            "bool": "a boolean",
+            "str": "a string",
+            "list": "an array",
+            "dict": "an object",
+        }
         raise ApiError(400, f"'{name}' must be {names[kind]}, got {json.dumps(v)[:80]}", name)
     if kind in ("int", "number"):
         if v != v or v in (float("inf"), float("-inf")):
@@ -125,10 +142,16 @@ def _unsupported(body: dict) -> None:
 
 def _sampling(body: dict, max_tokens: int, stop, logprobs, echo=False) -> SamplingParams:
     return SamplingParams(
-        max_tokens=max_tokens, temperature=float(_field(body, "temperature", "number", 1.0, lo=0, hi=2)),
+        max_tokens=max_tokens,
+        temperature=float(_field(body, "temperature", "number", 1.0, lo=0, hi=2)),
         top_p=float(_field(body, "top_p", "number", 1.0, lo=0, hi=1, lo_open=True)),
-        top_k=_field(body, "top_k", "int", 0, lo=0), min_p=float(_field(body, "min_p", "number", 0.0, lo=0, hi=1)),
-        stop=stop, logprobs=logprobs, echo=echo, seed=_field(body, "seed", "int", None))
+        top_k=_field(body, "top_k", "int", 0, lo=0),
+        min_p=float(_field(body, "min_p", "number", 0.0, lo=0, hi=1)),
+        stop=stop,
+        logprobs=logprobs,
+        echo=echo,
+        seed=_field(body, "seed", "int", None),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- chat
@@ -147,7 +170,7 @@ def chat_prompt(fmt, messages: list, tools: list | None) -> list[int]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}]: must be an object with 'role' and 'content'")
-        if m.get("role") == "developer":              # newer OpenAI name of the system role
+        if m.get("role") == "developer":  # newer OpenAI name of the system role
             m["role"] = "system"
         if m.get("role") == "function":
             raise ValueError(f"messages[{i}]: role 'function' is deprecated; use 'tool'")
@@ -179,8 +202,11 @@ def chat_prompt(fmt, messages: list, tools: list | None) -> list[int]:
 
 
 def _tool_call_json(call) -> dict:
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+    return {
+        "id": "call_" + uuid.uuid4().hex[:24],
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- the app
@@ -213,7 +239,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
     try:
         fmt = chat.chat_format_for(tokenizer)
     except ValueError:
-        pass                                           # no chat format: /v1/chat/completions answers 400
+        pass  # no chat format: /v1/chat/completions answers 400
     stop_ids = set(scheduler.stop_ids)
     created = int(time.time())
     max_length = scheduler.max_length
@@ -236,8 +262,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                                       type=kind))
+        return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e):
@@ -259,17 +284,26 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
         if model is not None and not isinstance(model, str):
             raise ApiError(400, "'model' must be a string", "model")
         if model is not None and model != model_name:
-            raise ApiError(404, f"The model `{model}` does not exist (this server serves `{model_name}`)", "model",
-                           type="not_found_error", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist (this server serves `{model_name}`)",
+                "model",
+                type="not_found_error",
+                code="model_not_found",
+            )
         return body
 
     def check_length(prompt: list[int], max_tokens: int, param: str) -> None:
         need = len(prompt) + max_tokens
         if need > max_length or len(prompt) >= max_length:
-            raise ApiError(400, f"This model's maximum context length is {max_length} tokens. However, you "
-                                f"requested {need} tokens ({len(prompt)} in the {param}, {max_tokens} in the "
-                                "completion). Please reduce the length of the prompt or max_tokens.",
-                           param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {max_length} tokens. However, you "
+                f"requested {need} tokens ({len(prompt)} in the {param}, {max_tokens} in the "
+                "completion). Please reduce the length of the prompt or max_tokens.",
+                param,
+                code="context_length_exceeded",
+            )
 
     def submit(prompts: list[list[int]], params: SamplingParams, param: str):
         loop = asyncio.get_running_loop()
@@ -285,13 +319,23 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
         except QueueFull as e:
             for r in reqs:
                 scheduler.cancel(r)
-            raise ApiError(429, f"too many requests: {e}; retry later", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(
+                429,
+                f"too many requests: {e}; retry later",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         except ShuttingDown as e:
             for r in reqs:
                 scheduler.cancel(r)
-            raise ApiError(503, f"{e}; retry later", type="server_error", code="unavailable",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(
+                503,
+                f"{e}; retry later",
+                type="server_error",
+                code="unavailable",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         return queue, reqs
 
     async def results(http: HttpRequest, queue: asyncio.Queue, reqs: list[Request]) -> list:
@@ -329,13 +373,22 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
     # ------------------------------------------------------------------------------------------ endpoints
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if scheduler.alive else "unavailable", "model": model_name, "max_length": max_length,
-                **scheduler.stats()}
+        body = {
+            "status": "ok" if scheduler.alive else "unavailable",
+            "model": model_name,
+            "max_length": max_length,
+            **scheduler.stats(),
+        }
         return JSONResponse(body, status_code=200 if scheduler.alive else 503)
 
     def model_card():
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "llama-jax",
-                "max_model_len": max_length}
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "llama-jax",
+            "max_model_len": max_length,
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -344,8 +397,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != model_name:
-            raise ApiError(404, f"The model `{model_id}` does not exist", "model", type="not_found_error",
-                           code="model_not_found")
+            raise ApiError(
+                404, f"The model `{model_id}` does not exist", "model", type="not_found_error", code="model_not_found"
+            )
         return model_card()
 
     # vLLM's tokenizer endpoints (what lm-eval's tokenizer_backend=remote reads). Text is encoded as plain text:
@@ -354,9 +408,15 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
     async def tokenizer_info():
         def text(i):
             return None if i is None else tokenizer.decode([i])
-        return {"tokenizer_class": f"llama_jax.Tokenizer({tokenizer.kind})", "bos_token": text(tokenizer.bos_id),
-                "eos_token": text(tokenizer.eos_id), "pad_token": None, "chat_template": tokenizer.chat_template,
-                "model_max_length": max_length}
+
+        return {
+            "tokenizer_class": f"llama_jax.Tokenizer({tokenizer.kind})",
+            "bos_token": text(tokenizer.bos_id),
+            "eos_token": text(tokenizer.eos_id),
+            "pad_token": None,
+            "chat_template": tokenizer.chat_template,
+            "model_max_length": max_length,
+        }
 
     @app.post("/tokenize")
     async def tokenize(http: HttpRequest):
@@ -397,24 +457,23 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
         def choice_logprobs(r, text_start: int) -> dict | None:
             if logprobs is None:
                 return None
-            toks = list(r.tokens)            # a final stop id included, as OpenAI does (harnesses slice [:-1])
+            toks = list(r.tokens)  # a final stop id included, as OpenAI does (harnesses slice [:-1])
             ids, lps, tops = [], [], []
             if echo:
                 ids += r.prompt_tokens
                 lps += r.prompt_logprobs
-                tops += (r.top_logprobs[: len(r.prompt_tokens)] if r.top_logprobs else [None] * len(r.prompt_tokens))
-            gen_tops = r.top_logprobs[len(r.prompt_tokens) if echo else 0:] if r.top_logprobs else None
+                tops += r.top_logprobs[: len(r.prompt_tokens)] if r.top_logprobs else [None] * len(r.prompt_tokens)
+            gen_tops = r.top_logprobs[len(r.prompt_tokens) if echo else 0 :] if r.top_logprobs else None
             ids += toks
             lps += r.logprobs[: len(toks)]
-            tops += (gen_tops[: len(toks)] if gen_tops else [{}] * len(toks))
+            tops += gen_tops[: len(toks)] if gen_tops else [{}] * len(toks)
             strs, offsets, pos = [], [], text_start
             for t in ids:
                 s = piece(t)
                 strs.append(s)
                 offsets.append(pos)
                 pos += len(s)
-            top_dicts = [None if t is None else {piece(i): v for i, v in t} if isinstance(t, list) else t
-                         for t in tops]
+            top_dicts = [None if t is None else {piece(i): v for i, v in t} if isinstance(t, list) else t for t in tops]
             return {"tokens": strs, "token_logprobs": lps, "top_logprobs": top_dicts, "text_offset": offsets}
 
         def prompt_text(i: int) -> str:
@@ -425,43 +484,93 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
             choices = []
             for i, r in enumerate(res):
                 prefix = prompt_text(i) if echo else ""
-                choices.append({"index": i, "text": prefix + r.text, "logprobs": choice_logprobs(r, 0),
-                                "finish_reason": r.finish_reason})
-            return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                    "choices": choices, "usage": usage(res)}
+                choices.append(
+                    {
+                        "index": i,
+                        "text": prefix + r.text,
+                        "logprobs": choice_logprobs(r, 0),
+                        "finish_reason": r.finish_reason,
+                    }
+                )
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_id,
+                "choices": choices,
+                "usage": usage(res),
+            }
 
         async def events():
             finished: list = [None] * len(reqs)
             try:
                 if echo:
                     for i in range(len(reqs)):
-                        yield sse({"id": cid, "object": "text_completion", "created": int(time.time()),
-                                   "model": model_id, "choices": [{"index": i, "text": prompt_text(i),
-                                                                   "logprobs": None, "finish_reason": None}]})
+                        yield sse(
+                            {
+                                "id": cid,
+                                "object": "text_completion",
+                                "created": int(time.time()),
+                                "model": model_id,
+                                "choices": [
+                                    {"index": i, "text": prompt_text(i), "logprobs": None, "finish_reason": None}
+                                ],
+                            }
+                        )
                 while any(f is None for f in finished):
                     i, ev = await queue.get()
                     if ev.kind == "error":
-                        yield sse({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                             "code": None}})
+                        yield sse({"error": {"message": ev.error, "type": "server_error", "param": None, "code": None}})
                         return
                     if ev.kind == "token" and ev.text:
                         lp = None
                         if logprobs is not None:
                             keep = list(zip(ev.token_ids, ev.logprobs, strict=True))
-                            lp = {"tokens": [piece(t) for t, _ in keep], "token_logprobs": [v for _, v in keep],
-                                  "top_logprobs": None, "text_offset": None}
-                        yield sse({"id": cid, "object": "text_completion", "created": int(time.time()),
-                                   "model": model_id, "choices": [{"index": i, "text": ev.text, "logprobs": lp,
-                                                                   "finish_reason": None}]})
+                            lp = {
+                                "tokens": [piece(t) for t, _ in keep],
+                                "token_logprobs": [v for _, v in keep],
+                                "top_logprobs": None,
+                                "text_offset": None,
+                            }
+                        yield sse(
+                            {
+                                "id": cid,
+                                "object": "text_completion",
+                                "created": int(time.time()),
+                                "model": model_id,
+                                "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": None}],
+                            }
+                        )
                     elif ev.kind == "done":
                         finished[i] = ev.result
-                        tail = ev.result.text[len(reqs[i].sent_text):]
-                        yield sse({"id": cid, "object": "text_completion", "created": int(time.time()),
-                                   "model": model_id, "choices": [{"index": i, "text": tail, "logprobs": None,
-                                                                   "finish_reason": ev.result.finish_reason}]})
+                        tail = ev.result.text[len(reqs[i].sent_text) :]
+                        yield sse(
+                            {
+                                "id": cid,
+                                "object": "text_completion",
+                                "created": int(time.time()),
+                                "model": model_id,
+                                "choices": [
+                                    {
+                                        "index": i,
+                                        "text": tail,
+                                        "logprobs": None,
+                                        "finish_reason": ev.result.finish_reason,
+                                    }
+                                ],
+                            }
+                        )
                 if include_usage:
-                    yield sse({"id": cid, "object": "text_completion", "created": int(time.time()),
-                               "model": model_id, "choices": [], "usage": usage(finished)})
+                    yield sse(
+                        {
+                            "id": cid,
+                            "object": "text_completion",
+                            "created": int(time.time()),
+                            "model": model_id,
+                            "choices": [],
+                            "usage": usage(finished),
+                        }
+                    )
                 yield "data: [DONE]\n\n"
             finally:
                 for r in reqs:
@@ -475,16 +584,20 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
         body = await read_body(http)
         _unsupported(body)
         if fmt is None:
-            raise ApiError(400, f"model `{model_name}` has no chat format (no Llama 3 tokens, no chat template); "
-                                "use /v1/completions", "messages")
+            raise ApiError(
+                400,
+                f"model `{model_name}` has no chat format (no Llama 3 tokens, no chat template); use /v1/completions",
+                "messages",
+            )
         messages = _field(body, "messages", "list")
         if not messages:
             raise ApiError(400, "'messages' must hold at least one message", "messages")
         tools = _field(body, "tools", "list", None)
         tool_choice = body.get("tool_choice", "auto")
         if tool_choice not in ("auto", "none", None):
-            raise ApiError(400, f"'tool_choice' must be 'auto' or 'none' (got {json.dumps(tool_choice)[:80]})",
-                           "tool_choice")
+            raise ApiError(
+                400, f"'tool_choice' must be 'auto' or 'none' (got {json.dumps(tool_choice)[:80]})", "tool_choice"
+            )
         use_tools = bool(tools) and tool_choice != "none"
         if tools:
             for i, t in enumerate(tools):
@@ -520,8 +633,14 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
             if use_tools:
                 parsed = chat.parse_output(r.text)
                 if parsed.tool_calls:
-                    return ({"role": "assistant", "content": parsed.content or None,
-                             "tool_calls": [_tool_call_json(c) for c in parsed.tool_calls]}, "tool_calls")
+                    return (
+                        {
+                            "role": "assistant",
+                            "content": parsed.content or None,
+                            "tool_calls": [_tool_call_json(c) for c in parsed.tool_calls],
+                        },
+                        "tool_calls",
+                    )
             return {"role": "assistant", "content": r.text}, reason
 
         def chat_logprobs(r) -> dict | None:
@@ -534,22 +653,40 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
             content = []
             for t, lp, top in zip(toks, r.logprobs, tops, strict=False):
                 s = piece(t)
-                content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")),
-                                "top_logprobs": [{"token": piece(i), "logprob": v,
-                                                  "bytes": list(piece(i).encode("utf-8"))} for i, v in top]})
+                content.append(
+                    {
+                        "token": s,
+                        "logprob": lp,
+                        "bytes": list(s.encode("utf-8")),
+                        "top_logprobs": [
+                            {"token": piece(i), "logprob": v, "bytes": list(piece(i).encode("utf-8"))} for i, v in top
+                        ],
+                    }
+                )
             return {"content": content}
 
         if not stream:
             [r] = await results(http, queue, reqs)
             message, reason = message_of(r)
-            return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "message": message, "logprobs": chat_logprobs(r),
-                                 "finish_reason": reason}], "usage": usage([r])}
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [{"index": 0, "message": message, "logprobs": chat_logprobs(r), "finish_reason": reason}],
+                "usage": usage([r]),
+            }
 
         def chunk(delta: dict, reason=None, logprobs=None) -> str:
-            return sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                        "model": model_name, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                                                          "finish_reason": reason}]})
+            return sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
+                }
+            )
 
         async def events():
             try:
@@ -557,33 +694,44 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, *, shutdown_tim
                 while True:
                     _, ev = await queue.get()
                     if ev.kind == "error":
-                        yield sse({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                             "code": None}})
+                        yield sse({"error": {"message": ev.error, "type": "server_error", "param": None, "code": None}})
                         return
                     if ev.kind == "token":
-                        if ev.text and not use_tools:     # with tools the reply may be a call: sent at the end
+                        if ev.text and not use_tools:  # with tools the reply may be a call: sent at the end
                             lp = None
                             if want_lp:
-                                lp = {"content": [{"token": piece(t), "logprob": v, "bytes": None,
-                                                   "top_logprobs": []}
-                                                  for t, v in zip(ev.token_ids, ev.logprobs, strict=True)
-                                                  if t not in stop_ids]}
+                                lp = {
+                                    "content": [
+                                        {"token": piece(t), "logprob": v, "bytes": None, "top_logprobs": []}
+                                        for t, v in zip(ev.token_ids, ev.logprobs, strict=True)
+                                        if t not in stop_ids
+                                    ]
+                                }
                             yield chunk({"content": ev.text}, logprobs=lp)
                         continue
                     r = ev.result
                     message, reason = message_of(r)
                     if "tool_calls" in message:
                         calls = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
-                        yield chunk({"tool_calls": calls, **({"content": message["content"]}
-                                                             if message["content"] else {})})
+                        yield chunk(
+                            {"tool_calls": calls, **({"content": message["content"]} if message["content"] else {})}
+                        )
                     else:
-                        tail = r.text if use_tools else r.text[len(reqs[0].sent_text):]
+                        tail = r.text if use_tools else r.text[len(reqs[0].sent_text) :]
                         if tail:
                             yield chunk({"content": tail})
                     yield chunk({}, reason)
                     if include_usage:
-                        yield sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                   "model": model_name, "choices": [], "usage": usage([r])})
+                        yield sse(
+                            {
+                                "id": cid,
+                                "object": "chat.completion.chunk",
+                                "created": int(time.time()),
+                                "model": model_name,
+                                "choices": [],
+                                "usage": usage([r]),
+                            }
+                        )
                     yield "data: [DONE]\n\n"
                     return
             finally:
@@ -617,8 +765,11 @@ def _completion_prompts(body: dict, tokenizer) -> list[list[int]]:
         if isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
             bad = [t for t in x if not 0 <= t < tokenizer.vocab_size]
             if bad:
-                raise ApiError(400, f"'{where}' holds token id {bad[0]} outside the vocabulary "
-                                    f"[0, {tokenizer.vocab_size})", "prompt")
+                raise ApiError(
+                    400,
+                    f"'{where}' holds token id {bad[0]} outside the vocabulary [0, {tokenizer.vocab_size})",
+                    "prompt",
+                )
             return list(x)
         raise ApiError(400, f"'{where}' must be a non-empty string or a non-empty list of token ids", "prompt")
 
@@ -635,25 +786,43 @@ def _define_flags():
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (default loopback only).")
     flags.DEFINE_integer("port", 8000, "TCP port.")
     flags.DEFINE_integer("max_batch", 16, "Rows decoded together (concurrent requests in the running batch).")
-    flags.DEFINE_integer("max_length", None, "Longest sequence (prompt + new tokens) of a request; default the "
-                         "model's context, at most 2048.")
+    flags.DEFINE_integer(
+        "max_length",
+        None,
+        "Longest sequence (prompt + new tokens) of a request; default the model's context, at most 2048.",
+    )
     flags.DEFINE_integer("max_queue", 64, "Requests allowed to wait for a row; beyond, 429 with Retry-After.")
     flags.DEFINE_integer("steps_per_dispatch", 4, "Decode steps per device call between host checks.")
     flags.DEFINE_enum("quant", "none", ["none", "int8"], "Weight quantization at load (llama_jax.quant).")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter and compute dtype.")
     flags.DEFINE_string("mesh", None, 'Device mesh, e.g. "data=1,fsdp=2,tensor=4" (default: one device).')
     flags.DEFINE_string("model_name", None, "Model id served (default: the checkpoint directory's name).")
-    flags.DEFINE_integer("prefix_cache_pages", 256, "Pages of --page_size tokens kept by the prefix cache (full "
-                         "pages of identical prompt prefixes are computed once); 0 turns it off.")
+    flags.DEFINE_integer(
+        "prefix_cache_pages",
+        256,
+        "Pages of --page_size tokens kept by the prefix cache (full "
+        "pages of identical prompt prefixes are computed once); 0 turns it off.",
+    )
     flags.DEFINE_integer("page_size", 16, "Tokens per prefix-cache page.")
     flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds running requests may finish after SIGTERM.")
     flags.DEFINE_bool("warmup", True, "Compile prefill/decode with a 1-token request before listening.")
     flags.DEFINE_string("log_level", "warning", "uvicorn log level.")
 
 
-def build(checkpoint_path: str | None, *, max_batch: int = 16, max_length: int | None = None, quant: str = "none",
-          dtype: str | None = None, mesh: str | None = None, max_queue: int = 64, steps_per_dispatch: int = 4,
-          warmup: bool = True, prefix_cache_pages: int = 256, page_size: int = 16):
+def build(
+    checkpoint_path: str | None,
+    *,
+    max_batch: int = 16,
+    max_length: int | None = None,
+    quant: str = "none",
+    dtype: str | None = None,
+    mesh: str | None = None,
+    max_queue: int = 64,
+    steps_per_dispatch: int = 4,
+    warmup: bool = True,
+    prefix_cache_pages: int = 256,
+    page_size: int = 16,
+):
     """(scheduler, tokenizer, model name) for a checkpoint (default SmolLM2). Raises ValueError naming the flag."""
     import jax.numpy as jnp
 
@@ -666,8 +835,9 @@ def build(checkpoint_path: str | None, *, max_batch: int = 16, max_length: int |
     if max_batch < 1:
         raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
     if prefix_cache_pages < 0 or page_size < 1:
-        raise ValueError(f"--prefix_cache_pages must be >= 0 and --page_size >= 1, got {prefix_cache_pages}, "
-                         f"{page_size}")
+        raise ValueError(
+            f"--prefix_cache_pages must be >= 0 and --page_size >= 1, got {prefix_cache_pages}, {page_size}"
+        )
     if max_length is not None and max_length < 2:
         raise ValueError(f"--max_length must be >= 2, got {max_length}")
     path = checkpoint_path or default_checkpoint(quiet=True)
@@ -680,6 +850,7 @@ def build(checkpoint_path: str | None, *, max_batch: int = 16, max_length: int |
     mesh_obj = None
     if mesh:
         from llama_jax import sharding
+
         try:
             mesh_obj = sharding.parse_mesh(mesh)
         except ValueError as e:
@@ -691,19 +862,29 @@ def build(checkpoint_path: str | None, *, max_batch: int = 16, max_length: int |
     length = min(max_length or min(model.config.max_seq_len, 2048), model.config.max_seq_len)
     engine = Engine(model, max_length=length, mesh=mesh_obj)
     from llama_jax import chat
+
     stops = set(tokenizer.stop_ids)
     try:
         stops |= set(chat.chat_format_for(tokenizer).stop_ids)
     except ValueError:
         pass
+
     def make():
-        return Scheduler(engine, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                         steps_per_dispatch=steps_per_dispatch, stop_ids=sorted(stops),
-                         prefix_cache_pages=prefix_cache_pages, page_size=page_size)
+        return Scheduler(
+            engine,
+            tokenizer,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            steps_per_dispatch=steps_per_dispatch,
+            stop_ids=sorted(stops),
+            prefix_cache_pages=prefix_cache_pages,
+            page_size=page_size,
+        )
 
     scheduler = make()
     if warmup:
         import queue as queue_lib
+
         q: queue_lib.Queue = queue_lib.Queue()
         with scheduler:
             bos = tokenizer.bos_id if tokenizer.bos_id is not None else 0
@@ -730,20 +911,37 @@ def main(argv):
         return 1
     try:
         scheduler, tokenizer, name = build(
-            FLAGS.checkpoint, max_batch=FLAGS.max_batch, max_length=FLAGS.max_length, quant=FLAGS.quant,
-            dtype=FLAGS.dtype, mesh=FLAGS.mesh, max_queue=FLAGS.max_queue,
-            steps_per_dispatch=FLAGS.steps_per_dispatch, warmup=FLAGS.warmup,
-            prefix_cache_pages=FLAGS.prefix_cache_pages, page_size=FLAGS.page_size)
+            FLAGS.checkpoint,
+            max_batch=FLAGS.max_batch,
+            max_length=FLAGS.max_length,
+            quant=FLAGS.quant,
+            dtype=FLAGS.dtype,
+            mesh=FLAGS.mesh,
+            max_queue=FLAGS.max_queue,
+            steps_per_dispatch=FLAGS.steps_per_dispatch,
+            warmup=FLAGS.warmup,
+            prefix_cache_pages=FLAGS.prefix_cache_pages,
+            page_size=FLAGS.page_size,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     import uvicorn
 
     app = create_app(scheduler, tokenizer, FLAGS.model_name or name, shutdown_timeout=FLAGS.shutdown_timeout)
-    print(f"serving {FLAGS.model_name or name} (max_length {scheduler.max_length}, max_batch {FLAGS.max_batch}) "
-          f"on http://{FLAGS.host}:{FLAGS.port}/v1", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
-                            timeout_graceful_shutdown=max(int(FLAGS.shutdown_timeout), 1))
+    print(
+        f"serving {FLAGS.model_name or name} (max_length {scheduler.max_length}, max_batch {FLAGS.max_batch}) "
+        f"on http://{FLAGS.host}:{FLAGS.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        host=FLAGS.host,
+        port=FLAGS.port,
+        log_level=FLAGS.log_level,
+        timeout_graceful_shutdown=max(int(FLAGS.shutdown_timeout), 1),
+    )
     import signal
 
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; exit 0 instead

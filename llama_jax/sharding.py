@@ -24,7 +24,7 @@ function's in/out shardings); no ``pjit``, no ``with mesh:``.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +38,24 @@ Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     # weights
-    "vocab": "tensor", "embed": "fsdp", "q_heads": "tensor", "kv_heads": "tensor", "head_dim": None,
-    "mlp": "tensor", "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
     # activations
-    "batch": ("data", "fsdp"), "length": None, "act_embed": None, "act_heads": "tensor", "act_mlp": "tensor",
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
     # KV cache
-    "cache_batch": ("data", "fsdp"), "cache_length": None, "cache_kv_heads": "tensor", "cache_head_dim": None,
+    "cache_batch": ("data", "fsdp"),
+    "cache_length": None,
+    "cache_kv_heads": "tensor",
+    "cache_head_dim": None,
 }
 
 #: Logical axes of every array kind the rules must place consistently (parameters, KV cache, activations).
@@ -64,13 +76,17 @@ ARRAY_AXES: dict[str, tuple[str, ...]] = {
 }
 
 #: Logical axes whose size the mapped mesh axes may fail to divide: they are replicated, not refused.
-REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "cache_kv_heads", "batch", "cache_batch", "length",
-                                      "cache_length"})
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "cache_kv_heads", "batch", "cache_batch", "length", "cache_length"})
 
 
 # ----------------------------------------------------------------------------------------------- meshes
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
-              axis_type: AxisType = AxisType.Auto) -> jax.sharding.Mesh:
+def make_mesh(
+    data: int = 1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    axis_type: AxisType = AxisType.Auto,
+) -> jax.sharding.Mesh:
     """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices, every process).
 
     Built with ``jax.make_mesh`` and the axis types given explicitly (default ``AxisType.Auto``: shardings are
@@ -87,8 +103,10 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
     devices = list(jax.devices() if devices is None else devices)
     total = data * fsdp * tensor
     if total != len(devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {total} devices, but "
-                         f"{len(devices)} device(s) are available; the mesh axes must multiply to the device count")
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {total} devices, but "
+            f"{len(devices)} device(s) are available; the mesh axes must multiply to the device count"
+        )
     return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(axis_type,) * 3, devices=devices)
 
 
@@ -152,8 +170,10 @@ def validate_rules(rules: Rules, mesh: jax.sharding.Mesh | None = None) -> None:
         axes = _mesh_axes(rule)
         for a in axes:
             if a not in known_mesh:
-                raise ValueError(f"sharding rule {name!r} -> {rule!r}: mesh axis {a!r} does not exist "
-                                 f"(mesh axes: {', '.join(known_mesh)})")
+                raise ValueError(
+                    f"sharding rule {name!r} -> {rule!r}: mesh axis {a!r} does not exist "
+                    f"(mesh axes: {', '.join(known_mesh)})"
+                )
         if len(set(axes)) != len(axes):
             raise ValueError(f"sharding rule {name!r} -> {rule!r} repeats a mesh axis")
     for kind, logical in ARRAY_AXES.items():
@@ -161,10 +181,12 @@ def validate_rules(rules: Rules, mesh: jax.sharding.Mesh | None = None) -> None:
         for name in logical:
             if name not in rules:
                 raise ValueError(f"logical axis {name!r} (of {kind}) has no sharding rule")
-            for a in _mesh_axes(rules[name]):      # refused even on a size-1 axis: the table is wrong anywhere
+            for a in _mesh_axes(rules[name]):  # refused even on a size-1 axis: the table is wrong anywhere
                 if a in owner:
-                    raise ValueError(f"sharding rules collide: logical axes {owner[a]!r} and {name!r} both map "
-                                     f"to mesh axis {a!r}, and both are dimensions of {kind} {logical}")
+                    raise ValueError(
+                        f"sharding rules collide: logical axes {owner[a]!r} and {name!r} both map "
+                        f"to mesh axis {a!r}, and both are dimensions of {kind} {logical}"
+                    )
                 owner[a] = name
 
 
@@ -182,19 +204,26 @@ def validate(config, mesh: jax.sharding.Mesh, rules: Rules | None = None) -> Non
     """
     rules = DEFAULT_RULES if rules is None else rules
     validate_rules(rules, mesh)
-    sizes = {"vocab": ("vocab_size", config.vocab_size), "embed": ("dim", config.dim),
-             "q_heads": ("n_heads", config.n_heads), "kv_heads": ("n_kv_heads", config.n_kv_heads),
-             "head_dim": ("head_dim", config.head_dim), "mlp": ("hidden_dim", config.hidden_dim),
-             "layers": ("n_layers", config.n_layers)}
+    sizes = {
+        "vocab": ("vocab_size", config.vocab_size),
+        "embed": ("dim", config.dim),
+        "q_heads": ("n_heads", config.n_heads),
+        "kv_heads": ("n_kv_heads", config.n_kv_heads),
+        "head_dim": ("head_dim", config.head_dim),
+        "mlp": ("hidden_dim", config.hidden_dim),
+        "layers": ("n_layers", config.n_layers),
+    }
     for logical, (field, size) in sizes.items():
         if logical in REPLICATE_IF_INDIVISIBLE:
             continue
         axes = [a for a in _mesh_axes(rules.get(logical)) if mesh.shape[a] > 1]
         n = math.prod(mesh.shape[a] for a in axes)
         if axes and size % n:
-            raise ValueError(f"mesh axis {'x'.join(repr(a) for a in axes)} of size {n} does not divide "
-                             f"{field}={size} (logical axis {logical!r}); choose a mesh axis size dividing "
-                             f"{field} or change the rule for {logical!r}")
+            raise ValueError(
+                f"mesh axis {'x'.join(repr(a) for a in axes)} of size {n} does not divide "
+                f"{field}={size} (logical axis {logical!r}); choose a mesh axis size dividing "
+                f"{field} or change the rule for {logical!r}"
+            )
 
 
 def logical_to_spec(axes, shape, mesh: jax.sharding.Mesh, rules: Mapping | None = None) -> PartitionSpec:
@@ -207,7 +236,7 @@ def logical_to_spec(axes, shape, mesh: jax.sharding.Mesh, rules: Mapping | None 
     """
     rules = DEFAULT_RULES if rules is None else rules
     spec, used = [], set()
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=False):
         if name is None:
             spec.append(None)
             continue
@@ -222,8 +251,10 @@ def logical_to_spec(axes, shape, mesh: jax.sharding.Mesh, rules: Mapping | None 
             continue
         clash = used.intersection(mesh_axes)
         if clash:
-            raise ValueError(f"logical axis {name!r} maps to mesh axis {sorted(clash)[0]!r}, "
-                             f"already used by another dimension of axes {tuple(axes)}")
+            raise ValueError(
+                f"logical axis {name!r} maps to mesh axis {sorted(clash)[0]!r}, "
+                f"already used by another dimension of axes {tuple(axes)}"
+            )
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return PartitionSpec(*spec)
@@ -244,9 +275,11 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules: Mapping | None = None
     Returns a tree of the same structure whose Variables hold a ``NamedSharding`` (usable as jit in/out
     shardings for the state, or with ``jax.device_put``).
     """
+
     def one(var):
         axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
         return var.replace(NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules)))
+
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
@@ -254,25 +287,31 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules: Mapping | None = None
 def abstract_model(config, rngs_seed: int = 0, param_dtype=None, **model_kwargs):
     """``nnx.eval_shape`` of ``Llama(config, ...)``: a model of ``ShapeDtypeStruct`` leaves (nothing allocated)."""
     from llama_jax.model import Llama
-    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(rngs_seed), param_dtype=param_dtype,
-                                        **model_kwargs))
+
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(rngs_seed), param_dtype=param_dtype, **model_kwargs))
 
 
-def abstract_state(config, mesh: jax.sharding.Mesh, rules: Rules | None = None, rngs_seed: int = 0,
-                   param_dtype=None, **model_kwargs):
+def abstract_state(
+    config, mesh: jax.sharding.Mesh, rules: Rules | None = None, rngs_seed: int = 0, param_dtype=None, **model_kwargs
+):
     """(graphdef, state) of the model with ``ShapeDtypeStruct`` leaves carrying their mesh shardings.
 
     Used for ahead-of-time lowering (llama_jax.plan) and as Orbax restore targets. Nothing is allocated.
     """
     graphdef, state = nnx.split(abstract_model(config, rngs_seed, param_dtype, **model_kwargs))
     shardings = state_shardings(state, mesh, rules)
-    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value())),
-                         state, shardings, is_leaf=_is_var)
+    state = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value())),
+        state,
+        shardings,
+        is_leaf=_is_var,
+    )
     return graphdef, state
 
 
-def init_sharded(config, mesh: jax.sharding.Mesh, rules: Rules | None = None, rngs_seed: int = 0,
-                 param_dtype=None, **model_kwargs):
+def init_sharded(
+    config, mesh: jax.sharding.Mesh, rules: Rules | None = None, rngs_seed: int = 0, param_dtype=None, **model_kwargs
+):
     """Initialises ``Llama(config, rngs=nnx.Rngs(rngs_seed), param_dtype=...)`` straight into sharded arrays.
 
     The initialiser runs under ``jax.jit`` with ``out_shardings`` taken from the abstract model
@@ -294,6 +333,7 @@ def init_sharded(config, mesh: jax.sharding.Mesh, rules: Rules | None = None, rn
       ValueError: from :func:`validate`.
     """
     from llama_jax.model import Llama
+
     validate(config, mesh, rules)
     graphdef, abstract = nnx.split(abstract_model(config, rngs_seed, param_dtype, **model_kwargs))
     shardings = state_shardings(abstract, mesh, rules)
@@ -324,34 +364,43 @@ def cache_shardings(config, mesh: jax.sharding.Mesh, batch: int, max_len: int, r
     A batch the (data, fsdp) axes do not divide, or KV heads fewer than the tensor axis, are replicated.
     """
     from llama_jax.kv_cache import cache_logical_axes
+
     axes = cache_logical_axes()
     kv_shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
-    return axes.replace(k=named_sharding(axes.k, kv_shape, mesh, rules),
-                        v=named_sharding(axes.v, kv_shape, mesh, rules),
-                        lengths=named_sharding(axes.lengths, (batch,), mesh, rules))
+    return axes.replace(
+        k=named_sharding(axes.k, kv_shape, mesh, rules),
+        v=named_sharding(axes.v, kv_shape, mesh, rules),
+        lengths=named_sharding(axes.lengths, (batch,), mesh, rules),
+    )
 
 
-def init_cache_sharded(config, mesh: jax.sharding.Mesh, batch: int, max_len: int, dtype=jnp.float32,
-                       rules: Rules | None = None):
+def init_cache_sharded(
+    config, mesh: jax.sharding.Mesh, batch: int, max_len: int, dtype=jnp.float32, rules: Rules | None = None
+):
     """An empty KV cache created directly in its shards (``init_cache`` under jit with out_shardings)."""
     from llama_jax.kv_cache import init_cache
+
     return init_cache(config, batch, max_len, dtype, sharding=cache_shardings(config, mesh, batch, max_len, rules))
 
 
-def abstract_cache(config, mesh: jax.sharding.Mesh, batch: int, max_len: int, dtype=jnp.float32,
-                   rules: Rules | None = None):
+def abstract_cache(
+    config, mesh: jax.sharding.Mesh, batch: int, max_len: int, dtype=jnp.float32, rules: Rules | None = None
+):
     """A ``KVCache`` of ``ShapeDtypeStruct``s with shardings (for ahead-of-time lowering; nothing allocated)."""
     from llama_jax.kv_cache import KVCache
+
     sh = cache_shardings(config, mesh, batch, max_len, rules)
     kv_shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
-    return KVCache(k=jax.ShapeDtypeStruct(kv_shape, jnp.dtype(dtype), sharding=sh.k),
-                   v=jax.ShapeDtypeStruct(kv_shape, jnp.dtype(dtype), sharding=sh.v),
-                   lengths=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sh.lengths))
+    return KVCache(
+        k=jax.ShapeDtypeStruct(kv_shape, jnp.dtype(dtype), sharding=sh.k),
+        v=jax.ShapeDtypeStruct(kv_shape, jnp.dtype(dtype), sharding=sh.v),
+        lengths=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sh.lengths),
+    )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, shape, rules: Rules | None = None) -> NamedSharding:
     """Sharding of an int32 token / position batch [B, T] (``batch`` on (data, fsdp), ``length`` replicated)."""
-    return named_sharding(("batch", "length")[:len(shape)], shape, mesh, rules)
+    return named_sharding(("batch", "length")[: len(shape)], shape, mesh, rules)
 
 
 def per_device_bytes(tree) -> dict:
@@ -372,8 +421,17 @@ def per_device_bytes(tree) -> dict:
 
 
 # ------------------------------------------------------------------------------- sharded calls
-def jit_model_call(graphdef, state_sh, mesh: jax.sharding.Mesh, batch: int, vocab_size: int, *,
-                   cache_sh=None, last_only: bool = False, rules: Rules | None = None):
+def jit_model_call(
+    graphdef,
+    state_sh,
+    mesh: jax.sharding.Mesh,
+    batch: int,
+    vocab_size: int,
+    *,
+    cache_sh=None,
+    last_only: bool = False,
+    rules: Rules | None = None,
+):
     """``jax.jit`` of ``nnx.merge(graphdef, state)(tokens[, kv_cache=cache])`` with explicit shardings.
 
     Args:
@@ -399,13 +457,17 @@ def jit_model_call(graphdef, state_sh, mesh: jax.sharding.Mesh, batch: int, voca
         logits_sh = named_sharding(("batch", "length", "vocab"), (batch, 1, vocab_size), mesh, rules)
 
     if cache_sh is None:
+
         def forward(state, tokens):
             logits = nnx.merge(graphdef, state)(tokens)
             return logits[:, -1] if last_only else logits
+
         return jax.jit(forward, in_shardings=(state_sh, tok_sh), out_shardings=logits_sh)
 
     def cached(state, tokens, cache):
         logits, cache = nnx.merge(graphdef, state)(tokens, kv_cache=cache)
         return (logits[:, -1] if last_only else logits), cache
-    return jax.jit(cached, in_shardings=(state_sh, tok_sh, cache_sh), out_shardings=(logits_sh, cache_sh),
-                   donate_argnames="cache")
+
+    return jax.jit(
+        cached, in_shardings=(state_sh, tok_sh, cache_sh), out_shardings=(logits_sh, cache_sh), donate_argnames="cache"
+    )

@@ -35,7 +35,9 @@ import json
 import os
 import re
 import shutil
-from typing import AbstractSet, Iterable, Iterator, Literal, Sequence, Union
+from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Literal
 
 __all__ = ["Tokenizer", "LLAMA3_SPECIAL_TOKENS", "LLAMA3_PAT_STR", "EXTRAS_FILE"]
 
@@ -70,11 +72,18 @@ _EXTRAS_VERSION = 1
 
 # Special tokens that end a turn in common chat formats; any present in a vocabulary join its stop ids.
 _EOT_LIKE = (
-    "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>",
-    "<|end|>", "<|eot|>", "<|return|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|eot|>",
+    "<|return|>",
 )
 
-AllowedSpecial = Union[Literal["all"], AbstractSet[str], Sequence[str]]
+AllowedSpecial = Literal["all"] | AbstractSet[str] | Sequence[str]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,11 +122,14 @@ class _TiktokenBackend:
         self.special_tokens = {t: n + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.vocab_size = n + len(LLAMA3_SPECIAL_TOKENS)
         self.enc = tiktoken.Encoding(
-            name=os.path.basename(name), pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks,
-            special_tokens=self.special_tokens)
+            name=os.path.basename(name),
+            pat_str=LLAMA3_PAT_STR,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
 
     @classmethod
-    def load(cls, path: str) -> "_TiktokenBackend":
+    def load(cls, path: str) -> _TiktokenBackend:
         ranks: dict[bytes, int] = {}
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -133,7 +145,7 @@ class _TiktokenBackend:
     def encode_plain(self, text: str) -> list[int]:
         out: list[int] = []
         for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
-            for piece in _split_runs(text[i:i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
+            for piece in _split_runs(text[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
                 out.extend(self.enc.encode_ordinary(piece))
         return out
 
@@ -165,8 +177,8 @@ class _SentencePieceBackend:
         self.proto = proto
         self.vocab_size = self.sp.get_piece_size()
         self.special_tokens = {
-            self.sp.id_to_piece(i): i for i in range(self.vocab_size)
-            if self.sp.is_control(i) or self.sp.is_unknown(i)}
+            self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)
+        }
 
     def encode_plain(self, text: str) -> list[int]:
         return list(self.sp.encode(text))
@@ -222,7 +234,8 @@ def _read_gguf_tokenizer(path: str, reader=None) -> tuple[object, dict]:
     Raises ValueError naming the file and the unsupported ``tokenizer.ggml.model``.
     """
     import gguf
-    from tokenizers import AddedToken, Regex, Tokenizer as TK, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as TK
 
     if reader is None:
         reader = gguf.GGUFReader(path)
@@ -238,7 +251,8 @@ def _read_gguf_tokenizer(path: str, reader=None) -> tuple[object, dict]:
     if model != "gpt2":
         raise ValueError(
             f"{path}: GGUF tokenizer.ggml.model={model!r} is not supported (only 'gpt2' byte-level BPE); "
-            "convert its tokenizer.json or tokenizer.model instead")
+            "convert its tokenizer.json or tokenizer.model instead"
+        )
     tokens: list[str] = get("tokenizer.ggml.tokens")
     merges: list[str] = get("tokenizer.ggml.merges") or []
     types: list[int] = get("tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -255,18 +269,27 @@ def _read_gguf_tokenizer(path: str, reader=None) -> tuple[object, dict]:
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tk = TK(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     if pre in _GGUF_LLAMA3_PRE:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:  # GPT-2's own split regex (what transformers uses for 'smollm' and other unlisted pre types)
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
-    control = [AddedToken(t, normalized=False, special=True)
-               for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]  # 3: CONTROL
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == 3 and set(t) <= alphabet
+    ]  # 3: CONTROL
     if control:
         tk.add_special_tokens(control)
-    user = [AddedToken(t, normalized=False, special=False)
-            for t, ty in zip(tokens, types) if ty == 4 and t in vocab]  # 4: USER_DEFINED
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == 4 and t in vocab
+    ]  # 4: USER_DEFINED
     if user:
         tk.add_tokens(user)
 
@@ -277,7 +300,9 @@ def _read_gguf_tokenizer(path: str, reader=None) -> tuple[object, dict]:
     bos, eos = tid("tokenizer.ggml.bos_token_id"), tid("tokenizer.ggml.eos_token_id")
     stops = {i for i in (eos, tid("tokenizer.ggml.eot_token_id"), tid("tokenizer.ggml.eom_token_id")) if i is not None}
     extras = {
-        "bos_id": bos, "eos_id": eos, "stop_ids": sorted(stops),
+        "bos_id": bos,
+        "eos_id": eos,
+        "stop_ids": sorted(stops),
         "chat_template": get("tokenizer.chat_template"),
         "add_bos_token": bool(get("tokenizer.ggml.add_bos_token", False)),
         "source": os.path.basename(path),
@@ -325,7 +350,8 @@ def _sniff_file(path: str) -> str:
     raise ValueError(
         f"{path}: unknown tokenizer format: detected {_describe(head)}; expected a tiktoken BPE file (Llama 3 "
         "tokenizer.model), a SentencePiece model, a Hugging Face tokenizer.json, a .gguf file, or a directory "
-        "holding one of these")
+        "holding one of these"
+    )
 
 
 def _as_id(tokens: dict[str, int], value) -> int | None:
@@ -358,8 +384,9 @@ class Tokenizer:
       add_bos_token: whether the source asks for BOS on plain prompts (informational; ``encode`` takes ``bos``).
     """
 
-    def __init__(self, backend, *, bos_id=None, eos_id=None, stop_ids=(), chat_template=None,
-                 add_bos_token=True, source=""):
+    def __init__(
+        self, backend, *, bos_id=None, eos_id=None, stop_ids=(), chat_template=None, add_bos_token=True, source=""
+    ):
         self._backend = backend
         self.kind: str = backend.kind
         self.special_tokens: dict[str, int] = dict(backend.special_tokens)
@@ -378,7 +405,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a tokenizer file or directory, detecting its format (see the module docstring).
 
         Raises:
@@ -403,12 +430,14 @@ class Tokenizer:
         try:
             backend = _SentencePieceBackend(data, path)
         except ValueError as e:
-            raise ValueError(f"{path}: unknown tokenizer format: detected {_describe(data[:64])} that SentencePiece "
-                             f"rejects ({e.__cause__})") from e
+            raise ValueError(
+                f"{path}: unknown tokenizer format: detected {_describe(data[:64])} that SentencePiece "
+                f"rejects ({e.__cause__})"
+            ) from e
         return cls._make(backend, {}, path)
 
     @classmethod
-    def from_gguf_reader(cls, reader, path: str = "") -> "Tokenizer":
+    def from_gguf_reader(cls, reader, path: str = "") -> Tokenizer:
         """The vocabulary of an already open ``gguf.GGUFReader`` (saves re-parsing the file's metadata, which takes
         seconds). Same result as ``from_file(path)``. Raises ValueError like :meth:`from_file`."""
         path = os.fspath(path or getattr(getattr(reader, "data", None), "filename", None) or "<gguf>")
@@ -416,7 +445,7 @@ class Tokenizer:
         return cls._make(_HFBackend(tk), extras, path)
 
     @classmethod
-    def _from_dir(cls, d: str) -> "Tokenizer":
+    def _from_dir(cls, d: str) -> Tokenizer:
         extras_path = os.path.join(d, EXTRAS_FILE)
         extras = None
         if os.path.exists(extras_path):
@@ -451,10 +480,11 @@ class Tokenizer:
         found = sorted(os.listdir(d))[:20]
         raise ValueError(
             f"{d}: unknown tokenizer directory: detected files {found}; expected tokenizer.model, tokenizer.json "
-            "or exactly one .gguf file")
+            "or exactly one .gguf file"
+        )
 
     @classmethod
-    def _from_hf_json(cls, path: str, extras: dict | None) -> "Tokenizer":
+    def _from_hf_json(cls, path: str, extras: dict | None) -> Tokenizer:
         from tokenizers import Tokenizer as TK
 
         with open(path, encoding="utf-8") as f:
@@ -465,8 +495,10 @@ class Tokenizer:
             raise ValueError(f"{path}: detected JSON that does not parse ({e})") from e
         if not isinstance(obj, dict) or "model" not in obj:
             keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"{path}: unknown tokenizer format: detected JSON without a 'model' section "
-                             f"(top level: {keys}); expected a Hugging Face tokenizer.json")
+            raise ValueError(
+                f"{path}: unknown tokenizer format: detected JSON without a 'model' section "
+                f"(top level: {keys}); expected a Hugging Face tokenizer.json"
+            )
         try:
             tk = TK.from_str(text)
         except Exception as e:  # noqa: BLE001
@@ -501,24 +533,37 @@ class Tokenizer:
             eos = min(stops)
         if eos is not None:
             stops.add(eos)
-        return {"bos_id": bos, "eos_id": eos, "stop_ids": sorted(stops), "chat_template": tmpl,
-                "add_bos_token": bool(cfg.get("add_bos_token", bos is not None))}
+        return {
+            "bos_id": bos,
+            "eos_id": eos,
+            "stop_ids": sorted(stops),
+            "chat_template": tmpl,
+            "add_bos_token": bool(cfg.get("add_bos_token", bos is not None)),
+        }
 
     @classmethod
-    def _make(cls, backend, extras: dict, source: str) -> "Tokenizer":
+    def _make(cls, backend, extras: dict, source: str) -> Tokenizer:
         st = backend.special_tokens
         if backend.kind == "llama3":
-            defaults = {"bos_id": st["<|begin_of_text|>"], "eos_id": st["<|end_of_text|>"],
-                        "stop_ids": [st["<|end_of_text|>"], st["<|eom_id|>"], st["<|eot_id|>"]],
-                        "chat_template": None, "add_bos_token": True}
+            defaults = {
+                "bos_id": st["<|begin_of_text|>"],
+                "eos_id": st["<|end_of_text|>"],
+                "stop_ids": [st["<|end_of_text|>"], st["<|eom_id|>"], st["<|eot_id|>"]],
+                "chat_template": None,
+                "add_bos_token": True,
+            }
         elif backend.kind == "sentencepiece":
             sp = backend.sp
             bos, eos = sp.bos_id(), sp.eos_id()
-            defaults = {"bos_id": bos if bos >= 0 else None, "eos_id": eos if eos >= 0 else None,
-                        "stop_ids": [eos] if eos >= 0 else [], "chat_template": None, "add_bos_token": True}
+            defaults = {
+                "bos_id": bos if bos >= 0 else None,
+                "eos_id": eos if eos >= 0 else None,
+                "stop_ids": [eos] if eos >= 0 else [],
+                "chat_template": None,
+                "add_bos_token": True,
+            }
         else:
-            defaults = {"bos_id": None, "eos_id": None, "stop_ids": [], "chat_template": None,
-                        "add_bos_token": False}
+            defaults = {"bos_id": None, "eos_id": None, "stop_ids": [], "chat_template": None, "add_bos_token": False}
         merged = {**defaults, **{k: v for k, v in extras.items() if k in defaults}}
         if backend.kind == "hf" and extras.get("kind") is None:
             # GGUF / HF: EOS plus the end-of-turn tokens the vocabulary has.
@@ -546,9 +591,14 @@ class Tokenizer:
         try:
             written = self._backend.save(tmp)
             extras = {
-                "format_version": _EXTRAS_VERSION, "kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id,
-                "stop_ids": sorted(self.stop_ids), "chat_template": self.chat_template,
-                "add_bos_token": self.add_bos_token, "source": os.path.basename(self.source) if self.source else "",
+                "format_version": _EXTRAS_VERSION,
+                "kind": self.kind,
+                "bos_id": self.bos_id,
+                "eos_id": self.eos_id,
+                "stop_ids": sorted(self.stop_ids),
+                "chat_template": self.chat_template,
+                "add_bos_token": self.add_bos_token,
+                "source": os.path.basename(self.source) if self.source else "",
                 "vocab_size": self.vocab_size,
             }
             ep = os.path.join(tmp, EXTRAS_FILE)
@@ -578,8 +628,9 @@ class Tokenizer:
             raise ValueError(f"allowed_special: {unknown[:5]} are not special tokens of this {self.kind} tokenizer")
         return allowed
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False,
-               allowed_special: AllowedSpecial = ()) -> list[int]:
+    def encode(
+        self, text: str, bos: bool = False, eos: bool = False, allowed_special: AllowedSpecial = ()
+    ) -> list[int]:
         """Encode ``text`` to token ids.
 
         Args:
@@ -606,7 +657,7 @@ class Tokenizer:
             pos = 0
             for m in pat.finditer(text):
                 if m.start() > pos:
-                    ids.extend(self._backend.encode_plain(text[pos:m.start()]))
+                    ids.extend(self._backend.encode_plain(text[pos : m.start()]))
                 ids.append(self.special_tokens[m.group()])
                 pos = m.end()
             if pos < len(text):
@@ -633,7 +684,8 @@ class Tokenizer:
                 raise ValueError(f"decode: token at position {pos} is {i!r}, not an integer id") from None
             if v != i or not 0 <= v < self.vocab_size:
                 raise ValueError(
-                    f"decode: token id {i!r} at position {pos} is outside the vocabulary [0, {self.vocab_size})")
+                    f"decode: token id {i!r} at position {pos} is outside the vocabulary [0, {self.vocab_size})"
+                )
             out.append(v)
         return out
 
@@ -660,5 +712,7 @@ class Tokenizer:
         return self.decode([i])
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, stop_ids={sorted(self.stop_ids)}, source={self.source!r})")
+        return (
+            f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+            f"eos_id={self.eos_id}, stop_ids={sorted(self.stop_ids)}, source={self.source!r})"
+        )

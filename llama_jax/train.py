@@ -31,7 +31,8 @@ import functools
 import json
 import os
 import signal
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -134,13 +135,14 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -
       ratio; keeping sums makes gradient accumulation exact.
     """
     logits = logits.astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)            # [B, T]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
     mask = mask.astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def chunked_cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
-                               chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+def chunked_cross_entropy_sums(
+    model, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int = 128
+) -> tuple[jax.Array, jax.Array]:
     """:func:`cross_entropy_sums` of ``model.logits(hidden)`` computed ``chunk`` sequence positions at a time.
 
     Each chunk's float32 logits [B, chunk, V] and softmax are made inside ``jax.checkpoint`` under a ``lax.scan``,
@@ -167,12 +169,15 @@ def chunked_cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, mas
         mask_p = jnp.pad(mask, ((0, 0), (0, pad)))
     else:
         mask_p = mask
-    xs = (hidden.reshape(b, n, c, d).swapaxes(0, 1),                  # [n, B, c, D]
-          targets.reshape(b, n, c).swapaxes(0, 1), mask_p.reshape(b, n, c).swapaxes(0, 1))
+    xs = (
+        hidden.reshape(b, n, c, d).swapaxes(0, 1),  # [n, B, c, D]
+        targets.reshape(b, n, c).swapaxes(0, 1),
+        mask_p.reshape(b, n, c).swapaxes(0, 1),
+    )
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def chunk_sum(x, tgt, m):
-        logits = model.logits(x).astype(jnp.float32)                              # [B, c, V]
+        logits = model.logits(x).astype(jnp.float32)  # [B, c, V]
         return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, tgt) * m)
 
     def body(total, chunk_xs):
@@ -216,19 +221,25 @@ def _path_names(path) -> tuple[str, ...]:
 
 def weight_decay_mask(params, decay_norms_and_embeddings: bool):
     """Bool pytree like ``params``: True where weight decay applies."""
+
     def one(path, _):
         names = _path_names(path)
         if decay_norms_and_embeddings:
             return True
         return not (names[-1] == "scale" or names[-1] in ("embedding", "lm_head"))
+
     return jax.tree_util.tree_map_with_path(one, params)
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     """Linear warmup 0 -> peak over ``warmup_steps``, cosine decay to ``peak * end_lr_ratio`` at ``total_steps``."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.end_lr_ratio)
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.end_lr_ratio,
+    )
 
 
 def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
@@ -236,8 +247,16 @@ def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     parts = []
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=weight_decay_mask(params, cfg.decay_norms_and_embeddings)))
+    parts.append(
+        optax.adamw(
+            lr_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=weight_decay_mask(params, cfg.decay_norms_and_embeddings),
+        )
+    )
     return optax.chain(*parts)
 
 
@@ -266,11 +285,13 @@ def init_lora(params: Mapping, targets: Sequence[str], rank: int, key: jax.Array
         try:
             w = _get(params, path)
         except (KeyError, TypeError):
-            raise ValueError(f"LoRA target {name!r}: parameter {'.'.join(path)} not found (stacked layers needed)")
-        l, fan_in = w.shape[0], int(np.prod(w.shape[1:1 + n_in]))
-        fan_out = int(np.prod(w.shape[1 + n_in:]))
-        a = jax.random.normal(jax.random.fold_in(key, i), (l, fan_in, rank), jnp.float32) / np.sqrt(fan_in)
-        out[name] = {"a": a, "b": jnp.zeros((l, rank, fan_out), jnp.float32)}
+            raise ValueError(
+                f"LoRA target {name!r}: parameter {'.'.join(path)} not found (stacked layers needed)"
+            ) from None
+        n_layers, fan_in = w.shape[0], int(np.prod(w.shape[1 : 1 + n_in]))
+        fan_out = int(np.prod(w.shape[1 + n_in :]))
+        a = jax.random.normal(jax.random.fold_in(key, i), (n_layers, fan_in, rank), jnp.float32) / np.sqrt(fan_in)
+        out[name] = {"a": a, "b": jnp.zeros((n_layers, rank, fan_out), jnp.float32)}
     return out
 
 
@@ -293,7 +314,7 @@ def apply_lora(params: Mapping, lora: Mapping, alpha: float) -> dict:
         path, _ = LORA_TARGETS[name]
         parent = _get(out, path[:-1])
         w = parent[path[-1]]
-        parent[path[-1]] = (w + lora_delta(w.shape, ab["a"], ab["b"], alpha).astype(w.dtype))
+        parent[path[-1]] = w + lora_delta(w.shape, ab["a"], ab["b"], alpha).astype(w.dtype)
     return out
 
 
@@ -344,8 +365,9 @@ class Trainer:
             raise ValueError("the model has non-parameter state; the trainer handles nnx.Param only")
         self.graphdef = graphdef
         params = nnx.to_pure_dict(param_state)
-        params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                              params)                                          # float32 master weights
+        params = jax.tree.map(
+            lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )  # float32 master weights
         if mesh is not None:
             shard = nnx.to_pure_dict(sharding_lib.state_shardings(param_state, mesh, rules))
             self.param_shardings = shard
@@ -372,13 +394,16 @@ class Trainer:
         else:
             abstract = jax.eval_shape(self.tx.init, trainable)
             opt_shardings = optax.tree_map_params(
-                self.tx, lambda _, s: s, abstract, trainable_shardings,
-                transform_non_params=lambda _: _replicated(mesh))
+                self.tx, lambda _, s: s, abstract, trainable_shardings, transform_non_params=lambda _: _replicated(mesh)
+            )
             opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(trainable)
-            self.state_shardings = {"params": trainable_shardings, "opt_state": opt_shardings,
-                                    "step": _replicated(mesh), "rng": _replicated(mesh)}
-        self.state = {"params": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-                      "rng": key}
+            self.state_shardings = {
+                "params": trainable_shardings,
+                "opt_state": opt_shardings,
+                "step": _replicated(mesh),
+                "rng": _replicated(mesh),
+            }
+        self.state = {"params": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": key}
         if mesh is not None:
             self.state = jax.device_put(self.state, self.state_shardings)
         self._build_step()
@@ -393,8 +418,7 @@ class Trainer:
         if self.mesh is None:
             return None
         axes = (None,) * (ndim - 2) + ("batch", "length")
-        return lambda shape: NamedSharding(self.mesh, sharding_lib.logical_to_spec(axes, shape, self.mesh,
-                                                                                   self.rules))
+        return lambda shape: NamedSharding(self.mesh, sharding_lib.logical_to_spec(axes, shape, self.mesh, self.rules))
 
     def _build_step(self):
         graphdef, tx, schedule, alpha, lora = self.graphdef, self.tx, self.schedule, self.cfg.lora_alpha, self.lora
@@ -420,8 +444,7 @@ class Trainer:
             g = jax.tree.map(lambda x: x / denom, g)
             updates, opt_state = tx.update(g, state["opt_state"], trainable)
             params = optax.apply_updates(trainable, updates)
-            metrics = {"loss": s / denom, "tokens": n, "grad_norm": optax.tree.norm(g),
-                       "lr": schedule(state["step"])}
+            metrics = {"loss": s / denom, "tokens": n, "grad_norm": optax.tree.norm(g), "lr": schedule(state["step"])}
             rng = jax.random.split(state["rng"])[0]
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}, metrics
 
@@ -429,6 +452,7 @@ class Trainer:
             def body(carry, mb):
                 s, n = micro(trainable, base, mb)
                 return (carry[0] + s, carry[1] + n), None
+
             (s, n), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), batch)
             return s, n
 
@@ -439,18 +463,31 @@ class Trainer:
             base_sh = self.param_shardings if lora else None
             rep = _replicated(self.mesh)
             metric_sh = {"loss": rep, "tokens": rep, "grad_norm": rep, "lr": rep}
-            self._step = jax.jit(step, in_shardings=(self.state_shardings, base_sh, None),
-                                 out_shardings=(self.state_shardings, metric_sh), donate_argnums=0)
-            self._eval = jax.jit(eval_sums, in_shardings=(self.state_shardings["params"], base_sh, None),
-                                 out_shardings=(rep, rep))
+            self._step = jax.jit(
+                step,
+                in_shardings=(self.state_shardings, base_sh, None),
+                out_shardings=(self.state_shardings, metric_sh),
+                donate_argnums=0,
+            )
+            self._eval = jax.jit(
+                eval_sums, in_shardings=(self.state_shardings["params"], base_sh, None), out_shardings=(rep, rep)
+            )
 
     def _put_batch(self, batch: Mapping[str, np.ndarray]):
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         if batch["tokens"].ndim == 2:
             batch = {k: v[None] for k, v in batch.items()}
         if self.mesh is not None:
-            batch = {k: jax.device_put(v, NamedSharding(self.mesh, sharding_lib.logical_to_spec(
-                (None, "batch", "length"), v.shape, self.mesh, self.rules))) for k, v in batch.items()}
+            batch = {
+                k: jax.device_put(
+                    v,
+                    NamedSharding(
+                        self.mesh,
+                        sharding_lib.logical_to_spec((None, "batch", "length"), v.shape, self.mesh, self.rules),
+                    ),
+                )
+                for k, v in batch.items()
+            }
         return batch
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -488,6 +525,7 @@ def host_random_model(config, seed: int = 0, std: float = 0.02, **model_kwargs):
     on a loaded CPU), for tests and smoke runs. ``model_kwargs`` go to ``Llama`` (param_dtype, remat, ...).
     """
     from llama_jax.model import Llama
+
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), **model_kwargs))
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(seed)
@@ -496,6 +534,7 @@ def host_random_model(config, seed: int = 0, std: float = 0.02, **model_kwargs):
         if _path_names(path)[-1] == "scale":
             return jnp.ones(x.shape, x.dtype)
         return jnp.asarray((std * rng.standard_normal(x.shape)).astype(np.float32), x.dtype)
+
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state)))
 
 
@@ -511,9 +550,9 @@ class Checkpointer:
         targets), naming the first mismatched parameter path and both shapes.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, save_every: int = 100, keep: int = 3,
-                 async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, save_every: int = 100, keep: int = 3, async_save: bool = True):
         import orbax.checkpoint as ocp
+
         self._ocp = ocp
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
@@ -521,9 +560,11 @@ class Checkpointer:
         self.save_every = save_every
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
-                                                 enable_async_checkpointing=async_save, create=True),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+            options=ocp.CheckpointManagerOptions(
+                save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -534,8 +575,11 @@ class Checkpointer:
             return False
         # a private copy: the train step donates its state buffers, which an asynchronous save may still read
         state = jax.tree.map(jnp.copy, state)
-        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               meta=ocp.args.JsonSave(dict(meta))), force=True)
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
+            force=True,
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -556,9 +600,11 @@ class Checkpointer:
         def abstract(x):
             sharding = getattr(x, "sharding", None)
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
         target = jax.tree.map(abstract, target_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
         return restored["state"], dict(restored["meta"])
 
 
@@ -570,20 +616,26 @@ def _flatten_paths(tree) -> dict[str, Any]:
 def _check_shapes(target, saved_meta, where: str) -> None:
     want = _flatten_paths(target)
     have = _flatten_paths(saved_meta)
-    order = sorted(want, key=lambda p: not p.startswith("params."))      # name model parameters first
+    order = sorted(want, key=lambda p: not p.startswith("params."))  # name model parameters first
     for path in order:
         x = want[path]
         if path not in have:
-            raise ValueError(f"checkpoint {where}: parameter {path!r} (shape {tuple(x.shape)}) is missing; the "
-                             f"checkpoint is from a different model or LoRA configuration")
+            raise ValueError(
+                f"checkpoint {where}: parameter {path!r} (shape {tuple(x.shape)}) is missing; the "
+                f"checkpoint is from a different model or LoRA configuration"
+            )
         shape = tuple(getattr(have[path], "shape", ()) or ())
         if shape != tuple(x.shape):
-            raise ValueError(f"checkpoint {where}: parameter {path!r} has shape {shape}, the model expects "
-                             f"{tuple(x.shape)} (checkpoint from a different model shape)")
+            raise ValueError(
+                f"checkpoint {where}: parameter {path!r} has shape {shape}, the model expects "
+                f"{tuple(x.shape)} (checkpoint from a different model shape)"
+            )
     extra = sorted(set(have) - set(want))
     if extra:
-        raise ValueError(f"checkpoint {where}: unexpected parameter {extra[0]!r}; the checkpoint is from a "
-                         f"different model or LoRA configuration")
+        raise ValueError(
+            f"checkpoint {where}: unexpected parameter {extra[0]!r}; the checkpoint is from a "
+            f"different model or LoRA configuration"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- loop
@@ -598,7 +650,7 @@ def _read_metrics(path: str) -> list[dict]:
                 continue
             try:
                 out.append(json.loads(line))
-            except json.JSONDecodeError:      # a line torn by a kill mid-write: it is re-done after the resume
+            except json.JSONDecodeError:  # a line torn by a kill mid-write: it is re-done after the resume
                 break
     return out
 
@@ -629,6 +681,7 @@ def _restore_newest_intact(checkpointer: Checkpointer, target_state):
     """
     import shutil
     import sys
+
     for step in sorted(checkpointer.manager.all_steps() or (), reverse=True):
         where = os.path.join(checkpointer.directory, str(step))
         try:
@@ -647,8 +700,11 @@ def _restore_newest_intact(checkpointer: Checkpointer, target_state):
         if os.path.lexists(aside):
             shutil.rmtree(aside, ignore_errors=True)
         os.rename(where, aside)
-        print(f"warning: checkpoint {where} is damaged ({type(err).__name__}: {str(err)[:200]}); moved to {aside}, "
-              "resuming from the next newest intact checkpoint", file=sys.stderr)
+        print(
+            f"warning: checkpoint {where} is damaged ({type(err).__name__}: {str(err)[:200]}); moved to {aside}, "
+            "resuming from the next newest intact checkpoint",
+            file=sys.stderr,
+        )
         checkpointer.reload()
     return None
 
@@ -661,7 +717,7 @@ class _SigTerm:
     def __enter__(self):
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:               # not the main thread
+        except ValueError:  # not the main thread
             self._old = None
         return self
 
@@ -673,9 +729,18 @@ class _SigTerm:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def fit(trainer: Trainer, loader, steps: int, *, checkpointer: Checkpointer | None = None,
-        metrics_path: str | None = None, eval_fn: Callable[[], dict] | None = None, eval_every: int = 0,
-        progress: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict:
+def fit(
+    trainer: Trainer,
+    loader,
+    steps: int,
+    *,
+    checkpointer: Checkpointer | None = None,
+    metrics_path: str | None = None,
+    eval_fn: Callable[[], dict] | None = None,
+    eval_every: int = 0,
+    progress: bool = False,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Trains until ``trainer`` has done ``steps`` optimizer steps, resuming from ``checkpointer`` if it has one.
 
     Resume restores the train state (parameters, optimizer state, step, RNG) and the loader position, and drops
@@ -699,12 +764,12 @@ def fit(trainer: Trainer, loader, steps: int, *, checkpointer: Checkpointer | No
     start = trainer.step_count()
 
     def meta():
-        return {"data": loader.state(), "model_config": trainer.config.to_dict(),
-                "train_config": trainer.cfg.to_dict()}
+        return {"data": loader.state(), "model_config": trainer.config.to_dict(), "train_config": trainer.cfg.to_dict()}
 
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=steps, initial=start, desc="train", unit="step")
     interrupted = False
     mf = open(metrics_path, "a") if metrics_path else None
@@ -714,7 +779,7 @@ def fit(trainer: Trainer, loader, steps: int, *, checkpointer: Checkpointer | No
                 batch = loader.next()
                 m = trainer.train_step(batch)
                 step = trainer.step_count()
-                for key in ("loss", "grad_norm"):      # a non-finite gradient makes the next weights NaN
+                for key in ("loss", "grad_norm"):  # a non-finite gradient makes the next weights NaN
                     if key in m and not np.isfinite(m[key]):
                         raise NonFiniteLossError(f"step {step}: the training {key.replace('_', ' ')} is {m[key]}")
                 record = {"step": step, **m}

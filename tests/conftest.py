@@ -21,7 +21,8 @@ def smollm2_checkpoint() -> str:
     Converted into ``$LLAMA_JAX_CACHE`` (default ~/.cache/llama_jax), under a file lock so that parallel test
     workers convert it once.
     """
-    from llama_jax.generate import DEFAULT_MODEL_DIR, cache_root, default_checkpoint
+    from llama_jax.generate import cache_root, default_checkpoint
+
     os.makedirs(cache_root(), exist_ok=True)
     with open(os.path.join(cache_root(), ".smollm2.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -34,6 +35,7 @@ def smollm2_checkpoint() -> str:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     from llama_jax import assets
+
     return assets.smollm2_gguf_path()
 
 
@@ -42,15 +44,23 @@ def hf_smollm2(smollm2_gguf):
     """transformers' LlamaForCausalLM loading the same GGUF (dequantized, float32)."""
     import torch
     import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32)
+        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32
+    )
     return model.eval()
 
 
 def run_cli(module: str, *args: str, env=None, timeout=900) -> subprocess.CompletedProcess:
     """Runs ``python -m module args`` from the repository root; returns the completed process (text mode)."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def keep_kernel_flags(env: dict) -> dict:

@@ -32,10 +32,24 @@ def _run_ranks(mode: str, directory: str, world_size: int, seed: int, timeout: i
     """Runs the ``world_size`` ranks of ``mode`` on ``port``; returns the error reports of failed ranks."""
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, directory, str(seed)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), mode, directory, str(seed)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     errors = []
     for rank, p in enumerate(procs):
         try:
@@ -54,7 +68,7 @@ def _spawn(mode: str, directory: str, world_size: int, tokens, seed: int = 0, ti
         tokens = tokens[None]
     tok_file = os.path.join(directory, ".tokens.npy")
     np.save(tok_file, tokens)
-    for _attempt in range(3):         # a free port can be taken between our probe and gloo's bind: try another
+    for _attempt in range(3):  # a free port can be taken between our probe and gloo's bind: try another
         errors = _run_ranks(mode, directory, world_size, seed, timeout, _free_port())
         if not any("ddress already in use" in e for e in errors):
             break
@@ -67,8 +81,9 @@ def _spawn(mode: str, directory: str, world_size: int, tokens, seed: int = 0, ti
     return logits
 
 
-def write_meta_checkpoint(directory: str, params: dict, world_size: int = 2, tokens=(1, 2, 3), seed: int = 0
-                          ) -> np.ndarray:
+def write_meta_checkpoint(
+    directory: str, params: dict, world_size: int = 2, tokens=(1, 2, 3), seed: int = 0
+) -> np.ndarray:
     """Writes a random float32 Meta checkpoint with ``world_size`` model-parallel shards into ``directory``.
 
     ``params``: Meta params.json fields (dim, n_layers, n_heads, n_kv_heads, vocab_size, multiple_of,
@@ -98,8 +113,11 @@ def meta_forward(params_json: dict, state_dict_or_ckpt_dir, tokens) -> np.ndarra
                     os.symlink(os.path.join(os.path.abspath(src), f), os.path.join(tmp, f))
         else:
             import torch
-            sd = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)))
-                  for k, v in state_dict_or_ckpt_dir.items()}
+
+            sd = {
+                k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)))
+                for k, v in state_dict_or_ckpt_dir.items()
+            }
             torch.save(sd, os.path.join(tmp, "consolidated.00.pth"))
             world = 1
         with open(os.path.join(tmp, "params.json"), "w") as f:
@@ -109,9 +127,9 @@ def meta_forward(params_json: dict, state_dict_or_ckpt_dir, tokens) -> np.ndarra
 
 # ------------------------------------------------------------------------------------------------ worker
 def _worker(mode: str, directory: str, seed: int) -> None:
+    import fairscale.nn.model_parallel.initialize as fs_init
     import torch
     import torch.distributed as dist
-    import fairscale.nn.model_parallel.initialize as fs_init
     from llama_models.llama3.args import ModelArgs
     from llama_models.llama3.model import Transformer
 

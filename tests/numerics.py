@@ -42,14 +42,19 @@ def assert_logits_close(ours, ref, dim: int, n_layers: int, what: str = "logits"
     scale = float(np.max(np.abs(ref)))
     diff = float(np.max(np.abs(ours - ref)))
     tol = logits_tolerance(ref, dim, n_layers)
-    print(f"{what}: max |diff| {diff:.3g} = {diff / scale:.3g} of max |ref| {scale:.3g} "
-          f"(bound {relative_tolerance(dim, n_layers):.3g}, D={dim}, L={n_layers})")
-    assert diff <= tol, (f"{what}: max |ours - ref| = {diff:.3g} > {tol:.3g} "
-                         f"(= {relative_tolerance(dim, n_layers):.3g} x max |ref| {scale:.3g})")
+    print(
+        f"{what}: max |diff| {diff:.3g} = {diff / scale:.3g} of max |ref| {scale:.3g} "
+        f"(bound {relative_tolerance(dim, n_layers):.3g}, D={dim}, L={n_layers})"
+    )
+    assert diff <= tol, (
+        f"{what}: max |ours - ref| = {diff:.3g} > {tol:.3g} "
+        f"(= {relative_tolerance(dim, n_layers):.3g} x max |ref| {scale:.3g})"
+    )
     return diff / scale
 
 
 def exceeds_tolerance(ours, ref, dim: int, n_layers: int) -> bool:
     """True when ``ours`` is farther from ``ref`` than float32 rounding allows (a perturbed model must be)."""
     return float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)))) > logits_tolerance(
-        ref, dim, n_layers)
+        ref, dim, n_layers
+    )

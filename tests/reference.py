@@ -10,8 +10,17 @@ from llama_jax.config import LlamaConfig, RopeScaling
 
 
 def tiny_config(**changes) -> LlamaConfig:
-    base = dict(vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=160, norm_eps=1e-5,
-                rope_theta=10000.0, max_seq_len=131072)
+    base = dict(
+        vocab_size=256,
+        dim=64,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=2,
+        hidden_dim=160,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_seq_len=131072,
+    )
     base.update(changes)
     return LlamaConfig(**base)
 
@@ -57,8 +66,9 @@ def from_torch_state_dict(sd: dict[str, np.ndarray], config, keys: dict[str, str
     out = {}
     for name, key in keys.items():
         if name.startswith("layers."):
-            out[name] = np.stack([layout.torch_to_ours(name, sd[key.format(i=i)], config)
-                                  for i in range(config.n_layers)])
+            out[name] = np.stack(
+                [layout.torch_to_ours(name, sd[key.format(i=i)], config) for i in range(config.n_layers)]
+            )
         elif key in sd:
             out[name] = layout.torch_to_ours(name, sd[key], config)
     return out
@@ -67,6 +77,7 @@ def from_torch_state_dict(sd: dict[str, np.ndarray], config, keys: dict[str, str
 def hf_state_dict(model) -> dict[str, np.ndarray]:
     """Our parameters as a Hugging Face ``LlamaForCausalLM`` state dict (numpy, float32)."""
     from conversions.hf import OURS_TO_HF
+
     if not model.is_stacked:
         raise ValueError("stack the layers first")
     return to_torch_state_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, OURS_TO_HF)
@@ -94,6 +105,7 @@ LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=
 def meta_state_dict(model) -> dict[str, np.ndarray]:
     """Our parameters as Meta's ``consolidated.00.pth`` state dict (interleaved RoPE rows for wq / wk)."""
     from conversions.meta import OURS_TO_META
+
     c = model.config
     sd = to_torch_state_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), c, OURS_TO_META)
     if c.tie_word_embeddings:

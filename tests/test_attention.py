@@ -38,19 +38,19 @@ def test_ragged_decode_one_row_20x_longer():
     s, block = 512, 16
     q, k, v = _qkv(2, 1, s)
     positions = jnp.asarray([[12], [250]], jnp.int32)
-    needed = (250 // block + 1) * block                                  # slots of the blocks that must be read
+    needed = (250 // block + 1) * block  # slots of the blocks that must be read
     k_nan = k.at[:, needed:].set(jnp.nan)
     v_nan = v.at[:, needed:].set(jnp.nan)
     out = attend(q, k_nan, v_nan, positions, cached=True, block_size=block)
     np.testing.assert_allclose(np.asarray(out), np.asarray(_cached_oracle(q, k, v, positions)), atol=ATOL)
 
 
-@pytest.mark.parametrize("last", [63, 64, 511])       # prompt ends on a block edge / one past it / last slot
+@pytest.mark.parametrize("last", [63, 64, 511])  # prompt ends on a block edge / one past it / last slot
 def test_prefill_chunk_block_edges_and_full_cache(last):
     s, block, t = 512, 32, 16
     q, k, v = _qkv(2, t, s, seed=last)
     positions = (last - t + 1 + jnp.arange(t, dtype=jnp.int32))[None].repeat(2, 0)
-    positions = positions.at[1].add(-5)                                  # a second, shorter row
+    positions = positions.at[1].add(-5)  # a second, shorter row
     out = attend(q, k, v, positions, cached=True, block_size=block)
     np.testing.assert_allclose(np.asarray(out), np.asarray(_cached_oracle(q, k, v, positions)), atol=ATOL)
 
@@ -65,7 +65,7 @@ def test_cache_length_not_a_multiple_of_the_block():
 
 def test_stacked_cache_reads_one_layer():
     q, k, v = _qkv(2, 3, 64)
-    k_all = jnp.stack([k * 3.0, k, -k])                                  # [L, B, S, K, H]
+    k_all = jnp.stack([k * 3.0, k, -k])  # [L, B, S, K, H]
     v_all = jnp.stack([v + 1.0, v, -v])
     positions = jnp.asarray([[5, 6, 7], [40, 41, 42]], jnp.int32)
     out = attend(q, k_all, v_all, positions, cached=True, layer=jnp.int32(1), block_size=16)
@@ -79,7 +79,7 @@ def test_self_attention_packed_segments_values_and_gradients():
     q, k, v = _qkv(2, t, t, seed=3)
     seg = np.ones((2, t), np.int32)
     seg[0, 37:] = 2
-    seg[1, 80:] = 0                                                      # padding
+    seg[1, 80:] = 0  # padding
     pos = np.broadcast_to(np.arange(t), (2, t)).copy()
     pos[0, 37:] -= 37
     seg, pos = jnp.asarray(seg), jnp.asarray(pos, jnp.int32)
@@ -90,7 +90,7 @@ def test_self_attention_packed_segments_values_and_gradients():
         return jnp.sum(fn(q, k, v) * w)
 
     ours = lambda q, k, v: attend(q, k, v, pos, cached=False, segment_ids=seg, block_size=16)  # noqa: E731
-    ref = lambda q, k, v: reference_attention(q, k, v, mask)                                    # noqa: E731
+    ref = lambda q, k, v: reference_attention(q, k, v, mask)  # noqa: E731
     np.testing.assert_allclose(np.asarray(ours(q, k, v)), np.asarray(ref(q, k, v)), atol=ATOL)
     g_ours = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(q, k, v)
@@ -119,10 +119,13 @@ def test_int8_cache_attention_equals_oracle_on_dequantized_values():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(implementation="flash"), "implementation"),
-    (dict(cached=True, segment_ids=jnp.zeros((1, 4), jnp.int32)), "segment_ids"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(implementation="flash"), "implementation"),
+        (dict(cached=True, segment_ids=jnp.zeros((1, 4), jnp.int32)), "segment_ids"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, match):
     q, k, v = _qkv(1, 4, 4)
     args = dict(cached=False) | kwargs
@@ -145,7 +148,7 @@ def test_long_context_sampled_queries_against_naive():
     got = {}
     for start in sorted({p // chunk * chunk for p in sample}):
         pos = jnp.arange(start, start + chunk, dtype=jnp.int32)[None]
-        out = np.asarray(run(jnp.asarray(q_all[:, start:start + chunk]), pos))
+        out = np.asarray(run(jnp.asarray(q_all[:, start : start + chunk]), pos))
         for p in sample:
             if start <= p < start + chunk:
                 got[p] = out[0, p - start]
@@ -186,7 +189,7 @@ def test_model_logits_equal_oracle_uncached_and_cached(unstack):
     logits, cache = ours(tokens[:, :33], kv_cache=cache)
     np.testing.assert_allclose(np.asarray(logits), full[:, :33], atol=_tol(full))
     for t in range(33, 40):
-        logits, cache = ours(tokens[:, t:t + 1], kv_cache=cache)
+        logits, cache = ours(tokens[:, t : t + 1], kv_cache=cache)
         np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, t], atol=_tol(full))
     assert int(cache.lengths[0]) == 40
 
@@ -200,7 +203,7 @@ def test_engine_ragged_batch_equals_oracle_engine():
     ref = Engine(_model("reference"), chunk_size=128).generate(prompts, max_new_tokens=6)
     for a, b in zip(ours, ref, strict=True):
         assert a.tokens == b.tokens
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)   # log-softmax of O(10) logits, float32
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)  # log-softmax of O(10) logits, float32
 
 
 def test_engine_int8_cache_quarter_bytes_and_close_to_float():
@@ -211,12 +214,12 @@ def test_engine_int8_cache_quarter_bytes_and_close_to_float():
     c32, c8 = f32.new_cache(2, 64), i8.new_cache(2, 64)
     assert c8.k.dtype == jnp.int8 and c8.quantized
     # int8 K/V + one float32 scale per token per KV head: (H + 4) / (4 H) of the float32 bytes
-    kv_bytes = lambda c: c.nbytes() - c.lengths.nbytes                                           # noqa: E731
+    kv_bytes = lambda c: c.nbytes() - c.lengths.nbytes  # noqa: E731
     assert kv_bytes(c8) / kv_bytes(c32) == pytest.approx((CONFIG.head_dim + 4) / (4 * CONFIG.head_dim))
     _, l32 = f32.prefill(prompts, c32)
     _, l8 = i8.prefill(prompts, c8)
     p32, p8 = jax.nn.softmax(l32), jax.nn.softmax(l8)
-    assert float(jnp.max(jnp.abs(p32 - p8))) < 0.02                     # int8 K/V: ~0.4% relative error per value
+    assert float(jnp.max(jnp.abs(p32 - p8))) < 0.02  # int8 K/V: ~0.4% relative error per value
     with pytest.raises(ValueError, match="kv_dtype"):
         Engine(_model(), kv_dtype="int4")
 
@@ -225,6 +228,7 @@ def test_engine_int8_cache_quarter_bytes_and_close_to_float():
 @pytest.fixture(scope="module")
 def smollm2(smollm2_checkpoint):
     from llama_jax import checkpoint
+
     return checkpoint.load(smollm2_checkpoint)
 
 
@@ -233,7 +237,7 @@ def _nll(model, ids, kv_dtype):
     step = jax.jit(lambda m, t, c: m(t, kv_cache=c))
     logits = []
     for start in range(0, len(ids) - 1, 128):
-        chunk = jnp.asarray([ids[start:min(start + 128, len(ids) - 1)]])
+        chunk = jnp.asarray([ids[start : min(start + 128, len(ids) - 1)]])
         out, cache = step(model, chunk, cache)
         logits.append(out[0])
     logp = jax.nn.log_softmax(jnp.concatenate(logits), axis=-1)
@@ -243,6 +247,7 @@ def _nll(model, ids, kv_dtype):
 def test_smollm2_int8_cache_perplexity_within_1_percent(smollm2, smollm2_checkpoint):
     from llama_jax import checkpoint
     from llama_jax.tokenizer import Tokenizer
+
     tokenizer = Tokenizer.from_file(checkpoint.tokenizer_dir(smollm2_checkpoint))
     with open(os.path.join(os.path.dirname(__file__), "data", "eval_text.txt"), encoding="utf-8") as f:
         ids = tokenizer.encode(f.read())[:1024]
@@ -256,6 +261,7 @@ def test_smollm2_int8_cache_greedy_equals_float(smollm2, smollm2_checkpoint):
     from llama_jax.chat import chat_format_for
     from llama_jax.tokenizer import Tokenizer
     from tests.test_generate import CHAT_PROMPTS, _top2_gap
+
     tokenizer = Tokenizer.from_file(checkpoint.tokenizer_dir(smollm2_checkpoint))
     fmt = chat_format_for(tokenizer)
     prompts = [fmt.encode_dialog_prompt([{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
@@ -272,7 +278,6 @@ def test_smollm2_int8_cache_greedy_equals_float(smollm2, smollm2_checkpoint):
         assert gap < 0.05, f"diverged at step {step} without a near tie (float top-2 logit gap {gap})"
 
 
-
 # ------------------------------------------------------------------------------------------- planner
 def test_planned_prefill_temporaries_do_not_grow_with_the_cache():
     """The planner compiles the blockwise path: prefill temporaries at 32768 slots are those at 4096 (the dense
@@ -283,8 +288,9 @@ def test_planned_prefill_temporaries_do_not_grow_with_the_cache():
     mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
 
     def prefill_temp(s, impl=None):
-        progs = plan.plan(config, mesh, "float32", max_length=s, prefill_length=512, log=lambda *_: None,
-                          attention_impl=impl)
+        progs = plan.plan(
+            config, mesh, "float32", max_length=s, prefill_length=512, log=lambda *_: None, attention_impl=impl
+        )
         return progs[0].temp
 
     small, large = prefill_temp(4096), prefill_temp(32768)

@@ -6,7 +6,6 @@ line cut short by the kill, and reports malformed input lines by line number.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -41,6 +40,7 @@ def setup(smollm2_checkpoint):
     from llama_jax.engine import Engine
     from llama_jax.generate import encode_prompts
     from llama_jax.tokenizer import Tokenizer
+
     tok = Tokenizer.from_file(checkpoint.tokenizer_dir(smollm2_checkpoint))
     questions = _questions()
     ids = encode_prompts(questions, tok, chat=True, system=None, tools=None, date=None)
@@ -57,6 +57,7 @@ def test_continuous_batch_equals_alone(setup):
     def spy(ds, row, prompt, **kw):
         inserts.append(row)
         return real_insert(ds, row, prompt, **kw)
+
     engine.insert = spy
     try:
         got, order = {}, []
@@ -72,7 +73,7 @@ def test_continuous_batch_equals_alone(setup):
     assert len(inserts) == 64 - 16
     lengths = [len(a.tokens) for a in alone]
     assert min(lengths) < MAX_NEW, "no prompt stopped early: refilling not exercised"
-    assert order != sorted(order)          # short answers finished (and were replaced) before long ones
+    assert order != sorted(order)  # short answers finished (and were replaced) before long ones
     for i, a in enumerate(alone):
         assert got[i].tokens == a.tokens, (i, tok.decode(got[i].tokens), tok.decode(a.tokens))
         assert got[i].finish_reason == a.finish_reason and got[i].text == a.text
@@ -85,12 +86,22 @@ def test_cli_kill_resume_and_bad_lines(setup, smollm2_checkpoint, tmp_path):
     n, max_new = 24, 6
     src = tmp_path / "in.jsonl"
     lines = [json.dumps({"prompt": q}) for q in questions[:n]]
-    lines.insert(5, "{broken")                         # line 6
+    lines.insert(5, "{broken")  # line 6
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "llama_jax.generate", f"--checkpoint={smollm2_checkpoint}", f"--prompts_file={src}",
-           f"--output={out}", "--chat", f"--max_new_tokens={max_new}", "--batch_size=4", "--max_length=256",
-           "--steps_per_dispatch=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_jax.generate",
+        f"--checkpoint={smollm2_checkpoint}",
+        f"--prompts_file={src}",
+        f"--output={out}",
+        "--chat",
+        f"--max_new_tokens={max_new}",
+        "--batch_size=4",
+        "--max_length=256",
+        "--steps_per_dispatch=1",
+    ]
     refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and f"{src}:6: not valid JSON" in refused.stderr
     assert not out.exists()
@@ -108,7 +119,7 @@ def test_cli_kill_resume_and_bad_lines(setup, smollm2_checkpoint, tmp_path):
     first = out.read_text().count("\n")
     assert 3 <= first < n
     with open(out, "a") as f:
-        f.write('{"id": "line:1", "prom')                  # a record cut short by the kill
+        f.write('{"id": "line:1", "prom')  # a record cut short by the kill
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert f"{src}:6:" in again.stderr and "incomplete last line" in again.stderr
@@ -119,7 +130,7 @@ def test_cli_kill_resume_and_bad_lines(setup, smollm2_checkpoint, tmp_path):
     assert len(ids) == len(set(ids)) == n
     by_line = {r["id"]: r for r in records}
     for k in range(n):
-        number = k + 1 if k < 5 else k + 2                 # the broken line 6 shifts later prompts by one
+        number = k + 1 if k < 5 else k + 2  # the broken line 6 shifts later prompts by one
         r = by_line[f"line:{number}"]
         assert r["prompt"] == questions[k]
         expect = alone[k].tokens[:max_new]

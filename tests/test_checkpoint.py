@@ -15,8 +15,16 @@ from llama_jax import checkpoint
 from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.model import Llama
 
-CFG = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                  rope_scaling=RopeScaling(), max_seq_len=4096)
+CFG = LlamaConfig(
+    vocab_size=256,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    hidden_dim=128,
+    rope_scaling=RopeScaling(),
+    max_seq_len=4096,
+)
 TOKENS = jnp.array([[1, 5, 9, 200, 3, 7, 11, 2]], jnp.int32)
 
 
@@ -25,8 +33,10 @@ def _model(seed=0, **kw):
 
 
 def _params(model):
-    return {".".join(map(str, p)): np.asarray(v) for p, v in
-            checkpoint._flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
+    return {
+        ".".join(map(str, p)): np.asarray(v)
+        for p, v in checkpoint._flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    }
 
 
 def test_save_load_round_trip_bitwise(tmp_path):
@@ -55,8 +65,9 @@ def test_load_casts_dtype_and_tied_and_unstacked(tmp_path):
     loaded = checkpoint.load(tmp_path / "ck", dtype=jnp.bfloat16)
     assert loaded.embedder.embedding[...].dtype == jnp.bfloat16
     assert not hasattr(loaded, "lm_head")
-    np.testing.assert_array_equal(np.asarray(loaded.embedder.embedding[...]),
-                                  np.asarray(model.embedder.embedding[...].astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(
+        np.asarray(loaded.embedder.embedding[...]), np.asarray(model.embedder.embedding[...].astype(jnp.bfloat16))
+    )
     np.testing.assert_array_equal(ref, checkpoint.load(tmp_path / "ck", dtype=jnp.float32)(TOKENS))
 
 
@@ -166,6 +177,12 @@ def test_sharded_restore_on_8_devices(tmp_path):
     script.write_text(SHARDED)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "ck")], capture_output=True, text=True,
-                       cwd=root, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

@@ -17,8 +17,14 @@ PROMPT = [1, 504, 3458, 282, 4649, 314, 2114, 30, 216, 28, 12, 9, 1000, 2000, 30
 
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "conversions", "--noprogress", *args], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "conversions", "--noprogress", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_smollm2_gguf_logits_match_transformers(tmp_path):
@@ -36,11 +42,13 @@ def test_smollm2_gguf_logits_match_transformers(tmp_path):
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.tie_word_embeddings) == (30, 576, 9, 3, True)
     assert cfg.rope_theta == 100000.0
     tok = Tokenizer.from_file(checkpoint.tokenizer_dir(out))
-    assert tok.encode("The capital of France")[-4:] == Tokenizer.from_file(gguf_path).encode(
-        "The capital of France")[-4:]
+    assert (
+        tok.encode("The capital of France")[-4:] == Tokenizer.from_file(gguf_path).encode("The capital of France")[-4:]
+    )
 
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
-                                              dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+    )
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPT])).logits.numpy()
     tokens = jnp.array([PROMPT], jnp.int32)
@@ -64,6 +72,7 @@ def _tiny_gguf(path, qtype_name="Q8_0", d=64, rope_freqs=None, head_count=None, 
     """A 1-layer Llama GGUF whose weight matrices are of type ``qtype_name``: quantized from random floats where
     the gguf package can quantize, else random bytes of the right block size. Returns {name: float source}."""
     import gguf
+
     w = gguf.GGUFWriter(str(path), "llama")
     f, v, n, k, h = 256, 256, 4, 2, d // 4
     w.add_block_count(1)
@@ -78,11 +87,20 @@ def _tiny_gguf(path, qtype_name="Q8_0", d=64, rope_freqs=None, head_count=None, 
     w.add_layer_norm_rms_eps(1e-5)
     rng = np.random.default_rng(0)
     qtype = gguf.GGMLQuantizationType[qtype_name]
-    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "output.weight": (v, d),
-              "blk.0.attn_norm.weight": (d,), "blk.0.ffn_norm.weight": (d,),
-              "blk.0.attn_q.weight": (n * h, d), "blk.0.attn_k.weight": (k * h, d), "blk.0.attn_v.weight": (k * h, d),
-              "blk.0.attn_output.weight": (d, n * h), "blk.0.ffn_gate.weight": (f, d), "blk.0.ffn_up.weight": (f, d),
-              "blk.0.ffn_down.weight": (d, f)}
+    shapes = {
+        "token_embd.weight": (v, d),
+        "output_norm.weight": (d,),
+        "output.weight": (v, d),
+        "blk.0.attn_norm.weight": (d,),
+        "blk.0.ffn_norm.weight": (d,),
+        "blk.0.attn_q.weight": (n * h, d),
+        "blk.0.attn_k.weight": (k * h, d),
+        "blk.0.attn_v.weight": (k * h, d),
+        "blk.0.attn_output.weight": (d, n * h),
+        "blk.0.ffn_gate.weight": (f, d),
+        "blk.0.ffn_up.weight": (f, d),
+        "blk.0.ffn_down.weight": (d, f),
+    }
     floats = {}
     for name, shape in shapes.items():
         x = rng.standard_normal(shape).astype(np.float32)
@@ -124,16 +142,19 @@ def test_gguf_tensor_types_and_rope_layout(tmp_path, qtype):
     from conversions.common import convert
     from conversions.gguf import GGUFSource
     from llama_jax import checkpoint
+
     floats = _tiny_gguf(tmp_path / "t.gguf", qtype, d=256)
     out = convert(GGUFSource(str(tmp_path / "t.gguf")), str(tmp_path / "out"), progress=False)
     cfg = checkpoint.read_config(out)
     assert (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim) == (256, 4, 2, 64, 256)
     reader = gguf.GGUFReader(str(tmp_path / "t.gguf"))
     t = {x.name: x for x in reader.tensors}
-    for key, name, heads in (("blk.0.attn_q.weight", "layers.attention.q_proj", 4),
-                             ("blk.0.attn_k.weight", "layers.attention.k_proj", 2)):
+    for key, name, heads in (
+        ("blk.0.attn_q.weight", "layers.attention.q_proj", 4),
+        ("blk.0.attn_k.weight", "layers.attention.k_proj", 2),
+    ):
         deq = gguf.quants.dequantize(t[key].data, t[key].tensor_type).reshape(heads * 64, 256)
-        ours = checkpoint.read_param(out, name, layer=0)          # [D, heads, H]
+        ours = checkpoint.read_param(out, name, layer=0)  # [D, heads, H]
         expect = np.empty_like(ours)
         for hd in range(heads):
             for i in range(32):
@@ -144,14 +165,16 @@ def test_gguf_tensor_types_and_rope_layout(tmp_path, qtype):
             src = floats[key].reshape(heads, 32, 2, 256)
             np.testing.assert_allclose(ours[:, :, :32], src[:, :, 0].transpose(2, 0, 1), atol=TOLERANCE[qtype])
     emb = checkpoint.read_param(out, "embedder.embedding")
-    np.testing.assert_array_equal(emb, gguf.quants.dequantize(t["token_embd.weight"].data,
-                                                              t["token_embd.weight"].tensor_type).reshape(256, 256))
+    np.testing.assert_array_equal(
+        emb, gguf.quants.dequantize(t["token_embd.weight"].data, t["token_embd.weight"].tensor_type).reshape(256, 256)
+    )
 
 
 def test_gguf_llama31_rope_freqs(tmp_path):
     from conversions.gguf import GGUFSource
     from llama_jax.config import RopeScaling
     from llama_jax.rope import inverse_frequencies
+
     s = RopeScaling()
     factors = inverse_frequencies(16, 10000.0) / inverse_frequencies(16, 10000.0, s)
     _tiny_gguf(tmp_path / "r.gguf", "F32", rope_freqs=factors)
@@ -163,6 +186,7 @@ def test_gguf_llama31_rope_freqs(tmp_path):
 
 def test_tiny_gguf_q8_converts(tmp_path):
     from conversions.gguf import GGUFSource
+
     _tiny_gguf(tmp_path / "t.gguf", "Q8_0")
     src = GGUFSource(str(tmp_path / "t.gguf"))
     assert (src.config.n_kv_heads, src.config.head_dim, src.config.tie_word_embeddings) == (2, 16, False)

@@ -18,15 +18,31 @@ TOKENS = [[1, 5, 9, 200, 3, 7, 11, 2, 100, 17, 4, 250]]
 
 def _hf_model(tmp_path, tied, shard=False, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64, "rope_theta": 500000.0}
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None if tied else rope,
-                      tie_word_embeddings=tied)
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=None if tied else rope,
+        tie_word_embeddings=tied,
+    )
     model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():   # non-trivial norm scales, so a swapped norm would show
+    with torch.no_grad():  # non-trivial norm scales, so a swapped norm would show
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
@@ -48,6 +64,7 @@ def _hf_tensors(d):
 @pytest.mark.parametrize("tied,shard", [(False, True), (True, False)], ids=["gqa_llama3_rope_sharded", "tied"])
 def test_hf_convert_logits_and_round_trip(tmp_path, tied, shard):
     from transformers import AutoModelForCausalLM
+
     src, ref = _hf_model(tmp_path, tied, shard)
     if shard:
         assert os.path.exists(os.path.join(src, "model.safetensors.index.json"))
@@ -55,7 +72,7 @@ def test_hf_convert_logits_and_round_trip(tmp_path, tied, shard):
     cfg = checkpoint.read_config(out)
     assert cfg.tie_word_embeddings == tied and (cfg.rope_scaling is None) == tied
     ours = np.asarray(checkpoint.load(out, dtype=jnp.float32)(jnp.array(TOKENS, jnp.int32)))
-    assert_logits_close(ours, ref, cfg.dim, cfg.n_layers, f"HF tied={tied}")       # float32 rounding at D, L
+    assert_logits_close(ours, ref, cfg.dim, cfg.n_layers, f"HF tied={tied}")  # float32 rounding at D, L
 
     back = convert_from_flags("orbax", out, str(tmp_path / "back"), target="hf", progress=False)
     a, b = _hf_tensors(src), _hf_tensors(back)
@@ -71,6 +88,7 @@ def test_hf_convert_logits_and_round_trip(tmp_path, tied, shard):
 
 def test_hf_export_shards_and_bfloat16(tmp_path):
     from conversions.export import export_hf
+
     src, _ = _hf_model(tmp_path, tied=False)
     out = convert_from_flags("hf", src, str(tmp_path / "ours"), dtype="bfloat16", progress=False)
     assert str(checkpoint.stored_dtype(out)) == "bfloat16"

@@ -17,6 +17,8 @@ def test_peak_rss_independent_of_depth(tmp_path):
         peaks[n] = measure_conversion(str(tmp_path / f"m{n}"), str(tmp_path / f"o{n}"))["peak_rss"]
         assert os.path.isfile(tmp_path / f"o{n}" / "config.json")
     two_layers = 2 * layer_bytes(params)
-    print(f"peak RSS 2 layers {peaks[2] / 1e6:.0f} MB, 10 layers {peaks[10] / 1e6:.0f} MB, "
-          f"two layers {two_layers / 1e6:.0f} MB, 10-layer checkpoint {size / 1e6:.0f} MB")
+    print(
+        f"peak RSS 2 layers {peaks[2] / 1e6:.0f} MB, 10 layers {peaks[10] / 1e6:.0f} MB, "
+        f"two layers {two_layers / 1e6:.0f} MB, 10-layer checkpoint {size / 1e6:.0f} MB"
+    )
     assert peaks[10] <= peaks[2] + two_layers

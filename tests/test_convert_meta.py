@@ -25,8 +25,18 @@ from meta_reference import meta_forward, write_meta_checkpoint  # noqa: E402
 from tests.numerics import assert_logits_close  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, ffn_dim_multiplier=None,
-              norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+PARAMS = dict(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=256,
+    multiple_of=32,
+    ffn_dim_multiplier=None,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    use_scaled_rope=True,
+)
 TOKENS = [[1, 5, 9, 200, 3, 7, 11, 2, 100, 17, 4, 250]]
 SIZE = (PARAMS["dim"], PARAMS["n_layers"])
 CAT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}
@@ -56,7 +66,7 @@ def _logits(ckpt):
 def _run_cli(*flags):
     """The CLI in-process: returns its exit status (absl flags parsed like the console script)."""
     argv = ["llama-jax-convert", "--noprogress", *flags]
-    fv = cli.define_flags(absl_flags.FlagValues())   # private flag set: nothing global is touched
+    fv = cli.define_flags(absl_flags.FlagValues())  # private flag set: nothing global is touched
     fv(argv)
     try:
         cli.main(argv[:1], fv)
@@ -71,7 +81,7 @@ def test_meta_mp2_logits_match_meta_reference(meta2, tmp_path):
     cfg = checkpoint.read_config(out)
     assert (cfg.n_kv_heads, cfg.vocab_size, cfg.rope_scaling is not None) == (2, 256, True)
     ours = _logits(out)
-    assert_logits_close(ours, ref, *SIZE, "Meta MP2")                           # float32 rounding at D, L
+    assert_logits_close(ours, ref, *SIZE, "Meta MP2")  # float32 rounding at D, L
 
 
 def test_meta_round_trip_bitwise_and_reference_runs_export(meta2, tmp_path):
@@ -119,7 +129,7 @@ def test_mp4_duplicated_kv_heads_and_llama2_embedding_layout(meta2, tmp_path):
     _save_shards(tmp_path / "mp4", _split(merged, 4, kv_dup=True), dict(PARAMS, n_kv_heads=4))
     out = convert_from_flags("meta", str(tmp_path / "mp4"), str(tmp_path / "ours4"), progress=False)
     assert checkpoint.read_config(out).n_kv_heads == 2
-    assert_logits_close(_logits(out), ref, *SIZE, "MP4 duplicated KV heads")   # float32 rounding at D, L
+    assert_logits_close(_logits(out), ref, *SIZE, "MP4 duplicated KV heads")  # float32 rounding at D, L
     # a pair that is not identical is refused
     shards = _split(merged, 4, kv_dup=True)
     shards[1]["layers.1.attention.wv.weight"][0, 0] += 1
@@ -158,8 +168,13 @@ def test_bad_meta_inputs(meta2, tmp_path, capsys):
     sd = torch.load(os.path.join(d, "consolidated.01.pth"), weights_only=True)
     sd["layers.1.feed_forward.w3.weight"] = sd["layers.1.feed_forward.w3.weight"][:-8]
     torch.save(sd, os.path.join(d, "consolidated.01.pth"))
-    _expect_bad(tmp_path, "meta", d, r"consolidated\.01\.pth: tensor layers\.1\.feed_forward\.w3\.weight has shape"
-                r".*inconsistent shapes")
+    _expect_bad(
+        tmp_path,
+        "meta",
+        d,
+        r"consolidated\.01\.pth: tensor layers\.1\.feed_forward\.w3\.weight has shape"
+        r".*inconsistent shapes",
+    )
 
     for field, value in (("vocab_size", 128003), ("n_kv_heads", 4), ("dim", 128)):
         d = _bad_copy(src, tmp_path / f"params_{field}")
@@ -187,8 +202,12 @@ def test_malicious_pickle_refused_and_file_not_created(meta2, tmp_path):
     proof, target = tmp_path / "proof_created", tmp_path / "pwned"
     torch.save({"x": _Payload(str(proof))}, tmp_path / "proof.pth")
     # the payload is real: an unrestricted unpickler does create the file
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(tmp_path / 'proof.pth')!r}, "
-                    "weights_only=False)"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(tmp_path / 'proof.pth')!r}, weights_only=False)"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert proof.exists()
     d = _bad_copy(src, tmp_path / "evil")
     sd = torch.load(os.path.join(d, "consolidated.00.pth"), weights_only=True)
@@ -200,6 +219,7 @@ def test_malicious_pickle_refused_and_file_not_created(meta2, tmp_path):
 
 def test_bad_hf_and_existing_output(meta2, tmp_path):
     from test_convert_hf import _hf_model
+
     hf, _ = _hf_model(tmp_path, tied=False)
     p = os.path.join(hf, "model.safetensors")
     os.truncate(p, os.path.getsize(p) - 1000)
@@ -219,6 +239,7 @@ def test_bad_hf_and_existing_output(meta2, tmp_path):
 
 def test_interrupted_conversion_leaves_nothing_and_rerun_completes(meta2, tmp_path, monkeypatch):
     from conversions.meta import MetaSource
+
     src, ref = meta2
     out = str(tmp_path / "ck")
     real = MetaSource.layer_tensors
@@ -241,19 +262,30 @@ def test_interrupted_conversion_leaves_nothing_and_rerun_completes(meta2, tmp_pa
         checkpoint.load(stale)
     monkeypatch.setattr(MetaSource, "layer_tensors", real)
     convert_from_flags("meta", src, out, progress=False)
-    assert_logits_close(_logits(out), ref, *SIZE, "rerun after a kill")        # float32 rounding at D, L
+    assert_logits_close(_logits(out), ref, *SIZE, "rerun after a kill")  # float32 rounding at D, L
 
 
 def _cfg():
     from llama_jax.config import LlamaConfig
+
     return LlamaConfig.from_meta_params(PARAMS)
 
 
 def test_console_entry_point_help_and_usage():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", "import sys; from conversions.__main__ import run; "
-                        "sys.argv=['llama-jax-convert', '--source=meta', '--input=/nonexistent', "
-                        "'--output=/tmp/never_written_llama_jax']; run()"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from conversions.__main__ import run; "
+            "sys.argv=['llama-jax-convert', '--source=meta', '--input=/nonexistent', "
+            "'--output=/tmp/never_written_llama_jax']; run()",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 1 and "/nonexistent" in r.stderr, r.stderr[-2000:]
     assert not os.path.exists("/tmp/never_written_llama_jax")

@@ -40,17 +40,17 @@ def _prompts(lengths, seed=0):
 def test_cached_decode_equals_uncached_forward_every_step(reference):
     """Model level: 9-token prompt, then decode steps at positions 9, 10, ...; stacked and unstacked layers."""
     tokens = jnp.asarray(_prompts([20])[0])[None]
-    full = np.asarray(reference(tokens))                                   # [1, 20, V]
+    full = np.asarray(reference(tokens))  # [1, 20, V]
     for unstack in (False, True):
         model = _model()
         if unstack:
             model.unstack_layers()
         cache = init_cache(CONFIG, 1, 32)
         logits, cache = model(tokens[:, :9], kv_cache=cache)
-        assert_logits_close(logits, full[:, :9], *SIZE, "prefill")            # float32 rounding at D, L
+        assert_logits_close(logits, full[:, :9], *SIZE, "prefill")  # float32 rounding at D, L
         for t in range(9, 20):
-            assert int(cache.lengths[0]) == t                               # first decode writes position 9
-            logits, cache = model(tokens[:, t:t + 1], kv_cache=cache)
+            assert int(cache.lengths[0]) == t  # first decode writes position 9
+            logits, cache = model(tokens[:, t : t + 1], kv_cache=cache)
             assert_logits_close(logits[:, 0], full[:, t], *SIZE, f"decode {t}")
 
 
@@ -58,9 +58,9 @@ def test_engine_greedy_and_logprobs_equal_uncached_forward(engine, reference):
     prompt = _prompts([9])[0]
     (c,) = engine.generate([prompt], max_new_tokens=10)
     seq = list(prompt)
-    for token, logprob in zip(c.tokens, c.logprobs):
+    for token, logprob in zip(c.tokens, c.logprobs, strict=False):
         logits = np.asarray(reference(jnp.asarray([seq]))[0, -1])
-        tol = logits_tolerance(logits, *SIZE)                             # float32 rounding at D, L
+        tol = logits_tolerance(logits, *SIZE)  # float32 rounding at D, L
         expected = int(np.argmax(logits))
         assert token == expected or logits[expected] - logits[token] <= 2 * tol, "not greedy and not a near tie"
         # a log-probability is a logit minus a logsumexp: at most twice the logits' rounding
@@ -70,9 +70,9 @@ def test_engine_greedy_and_logprobs_equal_uncached_forward(engine, reference):
 
 
 def test_batch_of_different_lengths_equals_each_alone(engine):
-    prompts = _prompts([9, 3, 40, 17, 1])          # 40 > chunk 16: chunked prefill
+    prompts = _prompts([9, 3, 40, 17, 1])  # 40 > chunk 16: chunked prefill
     together = engine.generate(prompts, max_new_tokens=8)
-    for prompt, c in zip(prompts, together):
+    for prompt, c in zip(prompts, together, strict=False):
         (alone,) = engine.generate([prompt], max_new_tokens=8)
         assert alone.tokens == c.tokens
         np.testing.assert_allclose(alone.logprobs, c.logprobs, atol=LOGPROB_TOL)
@@ -112,7 +112,7 @@ def test_sampling_is_seeded(engine):
     c = engine.generate(prompts, max_new_tokens=12, temperature=1.0, seed=2)
     assert [x.tokens for x in a] == [x.tokens for x in b]
     assert [x.tokens for x in a] != [x.tokens for x in c]
-    assert a[0].tokens != a[1].tokens            # identical prompts, independent draws per row
+    assert a[0].tokens != a[1].tokens  # identical prompts, independent draws per row
 
 
 def test_stop_ids_end_each_row_separately(engine):
@@ -129,6 +129,7 @@ def test_stop_ids_end_each_row_separately(engine):
 
 class _DigitTokenizer:
     """Decodes id i as chr(ord('a') + i % 26): enough to test stop strings."""
+
     stop_ids = frozenset()
 
     def decode(self, ids):
@@ -144,15 +145,18 @@ def test_stop_strings_cut_the_text(engine):
     assert len(cut.tokens) < 10
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(prompts=[[]]), "empty"),
-    (dict(prompts=[[1] * 500], max_new_tokens=20), "max_length"),
-    (dict(prompts=[[1, 2]], temperature=-1.0), "temperature"),
-    (dict(prompts=[[1, 2]], top_p=0.0), "top_p"),
-    (dict(prompts=[[1, 2]], top_p=1.5), "top_p"),
-    (dict(prompts=[[1, 2]], top_k=-1), "top_k"),
-    (dict(prompts=[[1, 2]], max_new_tokens=0), "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prompts=[[]]), "empty"),
+        (dict(prompts=[[1] * 500], max_new_tokens=20), "max_length"),
+        (dict(prompts=[[1, 2]], temperature=-1.0), "temperature"),
+        (dict(prompts=[[1, 2]], top_p=0.0), "top_p"),
+        (dict(prompts=[[1, 2]], top_p=1.5), "top_p"),
+        (dict(prompts=[[1, 2]], top_k=-1), "top_k"),
+        (dict(prompts=[[1, 2]], max_new_tokens=0), "max_new_tokens"),
+    ],
+)
 def test_bad_input(engine, kwargs, match):
     with pytest.raises(ValueError, match=match):
         engine.generate(**kwargs)

@@ -37,7 +37,7 @@ def _model(dtype: str, cfg=CFG, seed=0) -> Llama:
 def _tolerance(dtype: str, logits: np.ndarray) -> float:
     # compute dtype rounding: float32 (int8 weights are multiplied in float32) ~1e-5 relative for a 2-layer model;
     # bfloat16 activations round to 8 mantissa bits at every layer: a few 2^-8 of the logit scale.
-    eps = 2.0 ** -8 if dtype == "bfloat16" else 1e-5
+    eps = 2.0**-8 if dtype == "bfloat16" else 1e-5
     return 4 * eps * float(np.max(np.abs(logits)))
 
 
@@ -46,7 +46,7 @@ def _tolerance(dtype: str, logits: np.ndarray) -> float:
 def test_every_layout_gives_its_naive_twins_logits(dtype, tied):
     cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11)))
-    twin = np.asarray(_model(dtype, cfg)(tokens), np.float32)                      # stacked, "in_out"
+    twin = np.asarray(_model(dtype, cfg)(tokens), np.float32)  # stacked, "in_out"
     for unstack in (False, True):
         model = _model(dtype, cfg)
         if unstack:
@@ -55,10 +55,10 @@ def test_every_layout_gives_its_naive_twins_logits(dtype, tied):
         assert model.weight_layout == "out_in"
         q = model.layers[0].attention.q_proj if unstack else model.layers.attention.q_proj
         axes = q.get_metadata()["out_sharding"]
-        assert axes[-1] == "embed" and ("layers" in axes) != unstack                   # logical axes permuted
+        assert axes[-1] == "embed" and ("layers" in axes) != unstack  # logical axes permuted
         out = np.asarray(model(tokens), np.float32)
         np.testing.assert_allclose(out, twin, rtol=0, atol=_tolerance(dtype, twin))
-        model.set_weight_layout("in_out")                                              # and back, exactly
+        model.set_weight_layout("in_out")  # and back, exactly
         assert model.weight_layout == "in_out"
         if not unstack:
             np.testing.assert_array_equal(np.asarray(model(tokens), np.float32), twin)
@@ -85,8 +85,8 @@ def test_layout_errors_and_checkpoint_form(tmp_path):
     expect = np.asarray(model(tokens))
     model.unstack_layers()
     model.set_weight_layout("out_in")
-    path = checkpoint.save(tmp_path / "ckpt", model)                    # saved in the checkpoint's form ...
-    assert not model.is_stacked and model.weight_layout == "out_in"     # ... and the model left as it was
+    path = checkpoint.save(tmp_path / "ckpt", model)  # saved in the checkpoint's form ...
+    assert not model.is_stacked and model.weight_layout == "out_in"  # ... and the model left as it was
     again = checkpoint.load(path)
     assert again.weight_layout == "in_out" and again.is_stacked
     np.testing.assert_array_equal(np.asarray(again(tokens)), expect)
@@ -102,13 +102,14 @@ def test_decode_layout_is_chosen_per_backend_and_dtype():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_engine_greedy_tokens_equal_naive_twin(dtype):
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
-    fast = Engine(_model(dtype), max_length=64)                                   # the backend's choice
+    fast = Engine(_model(dtype), max_length=64)  # the backend's choice
     twin = Engine(_model(dtype), max_length=64, unstack=False, weight_layout="in_out")
     a = fast.generate(prompts, max_new_tokens=12)
     b = twin.generate(prompts, max_new_tokens=12)
     assert [c.tokens for c in a] == [c.tokens for c in b]
-    np.testing.assert_allclose([c.logprobs for c in a], [c.logprobs for c in b],
-                               atol=0.05 if dtype == "bfloat16" else 1e-4)     # log-softmax of the logits above
+    np.testing.assert_allclose(
+        [c.logprobs for c in a], [c.logprobs for c in b], atol=0.05 if dtype == "bfloat16" else 1e-4
+    )  # log-softmax of the logits above
 
 
 # ------------------------------------------------------------------------------------------------ compiled HLO
@@ -140,20 +141,27 @@ def test_cpu_decode_step_reads_weights_as_stored(dtype):
     """SmolLM2-shaped layers (D 576, F 1536, 9/3 heads): no instruction of the compiled decode step writes an array
     the size of a weight (a float copy of a bf16/int8 weight, or a layer slice of a stacked one), while the naive
     twin (stacked, "in_out") does, which shows the check sees such copies."""
-    cfg = tiny_config(vocab_size=1000, dim=576, n_layers=2, n_heads=9, n_kv_heads=3, hidden_dim=1536,
-                      max_seq_len=64, tie_word_embeddings=True)
+    cfg = tiny_config(
+        vocab_size=1000,
+        dim=576,
+        n_layers=2,
+        n_heads=9,
+        n_kv_heads=3,
+        hidden_dim=1536,
+        max_seq_len=64,
+        tie_word_embeddings=True,
+    )
 
     def hlo(engine):
         ds = engine.start([[1, 2, 3]], max_new_tokens=4)
         return engine._decode_step.lower(engine.params, ds, SamplingMode()).compile().as_text()
 
     model = _model(dtype, cfg)
-    per_layer = {int(np.prod(w.shape)) // cfg.n_layers for _, w in model._matmul_params()}   # stacked [L, ...]
+    per_layer = {int(np.prod(w.shape)) // cfg.n_layers for _, w in model._matmul_params()}  # stacked [L, ...]
     sizes = per_layer | {cfg.n_layers * s for s in per_layer} | {cfg.vocab_size * cfg.dim}
     fast = _big_outputs(hlo(Engine(model, max_length=64)), sizes)
     assert not fast, "\n".join(fast)
-    twin = _big_outputs(hlo(Engine(_model(dtype, cfg), max_length=64, unstack=False, weight_layout="in_out")),
-                        sizes)
+    twin = _big_outputs(hlo(Engine(_model(dtype, cfg), max_length=64, unstack=False, weight_layout="in_out")), sizes)
     if dtype != "float32":
         assert twin, "the naive twin should copy its bf16/int8 weights to float (the check would be blind)"
 
@@ -162,13 +170,16 @@ def test_cpu_decode_step_reads_weights_as_stored(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_smollm2_greedy_equals_naive_twin(smollm2_checkpoint, dtype):
     from llama_jax.tokenizer import Tokenizer
+
     prompt = Tokenizer.from_file(checkpoint.tokenizer_dir(smollm2_checkpoint)).encode(
-        "The capital of France is", bos=True)
+        "The capital of France is", bos=True
+    )
 
     def load():
         if dtype == "int8":
             return quant.load(smollm2_checkpoint, "int8")
         return checkpoint.load(smollm2_checkpoint, dtype=jnp.dtype(dtype))
+
     (a,) = Engine(load(), max_length=64).generate([prompt], max_new_tokens=10)
     (b,) = Engine(load(), max_length=64, unstack=False, weight_layout="in_out").generate([prompt], max_new_tokens=10)
     assert a.tokens == b.tokens
@@ -177,6 +188,7 @@ def test_smollm2_greedy_equals_naive_twin(smollm2_checkpoint, dtype):
 def test_smollm2_int8_perplexity_within_one_percent_in_decode_layout(smollm2_checkpoint):
     sys.path.insert(0, os.path.join(REPO, "experiments"))
     import eval as ev
+
     text = open(os.path.join(REPO, "tests", "data", "eval_text.txt")).read()
     model, tok = ev.load_model(smollm2_checkpoint)
     ids = tok.encode(text, bos=True)

@@ -46,7 +46,7 @@ def test_logits_match_transformers(name):
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 64))
     ours, ref = _compare(model, hf, tokens)
     assert np.max(np.abs(ref)) > 1.0, "logits too small for the comparison to mean anything"
-    assert_logits_close(ours, ref, config.dim, config.n_layers, name)     # float32 rounding at D, L (numerics.py)
+    assert_logits_close(ours, ref, config.dim, config.n_layers, name)  # float32 rounding at D, L (numerics.py)
 
 
 def test_scaling_bands_all_present_in_parity_config():
@@ -87,14 +87,16 @@ def test_rope_cases_from_shared_rope_md():
 def test_rope_positions_stay_exact_in_bf16_activations():
     """Angles come from int32 positions in float32 even when activations are bf16 (bf16 would merge 256/257)."""
     from llama_jax.rope import apply_rope
+
     c = tiny_config()
     x = jnp.ones((1, 2, 1, c.head_dim), jnp.bfloat16)
     out = apply_rope(x, jnp.array([[256, 257]], jnp.int32), c)
     assert not np.array_equal(np.asarray(out[0, 0], np.float32), np.asarray(out[0, 1], np.float32))
 
 
-@pytest.mark.parametrize("name,count", [("llama3.1-8b", 8_030_261_248), ("llama3.1-70b", 70_553_706_496),
-                                        ("llama3.1-405b", 405_853_388_800)])
+@pytest.mark.parametrize(
+    "name,count", [("llama3.1-8b", 8_030_261_248), ("llama3.1-70b", 70_553_706_496), ("llama3.1-405b", 405_853_388_800)]
+)
 def test_parameter_counts_from_eval_shape(name, count):
     abstract = nnx.eval_shape(lambda: Llama(PRESETS[name], rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16))
     leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
@@ -117,7 +119,10 @@ def test_scan_compiles_independently_of_depth():
     for layers in (2, 16):
         model = Llama(tiny_config(n_layers=layers), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
-        fn = lambda s, t: nnx.merge(graphdef, s)(t)
+
+        def fn(s, t, graphdef=graphdef):  # traced at once, in this iteration
+            return nnx.merge(graphdef, s)(t)
+
         sizes.append(len(list(_equations(jax.make_jaxpr(fn)(state, jnp.zeros((1, 4), jnp.int32)).jaxpr))))
     assert sizes[0] == sizes[1]
 
@@ -127,7 +132,7 @@ def _equations(jaxpr):
     for eqn in jaxpr.eqns:
         yield eqn
         for value in eqn.params.values():
-            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     yield from _equations(inner)
@@ -136,15 +141,20 @@ def _equations(jaxpr):
 def test_gqa_never_tiles_kv():
     """Attention contracts grouped queries [B,T,K,G,H] with the K un-repeated keys [B,S,K,H]; nothing of shape
     [B,S,N,H] (K/V tiled per query head) is ever built."""
-    config = tiny_config(dim=64, n_heads=4, n_kv_heads=2)   # head_dim 16, G = 2
+    config = tiny_config(dim=64, n_heads=4, n_kv_heads=2)  # head_dim 16, G = 2
     model = Llama(config, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, jnp.zeros((1, 5), jnp.int32)).jaxpr
-    dots = [frozenset(tuple(v.aval.shape) for v in e.invars) for e in _equations(jaxpr)
-            if e.primitive.name == "dot_general"]
+    dots = [
+        frozenset(tuple(v.aval.shape) for v in e.invars) for e in _equations(jaxpr) if e.primitive.name == "dot_general"
+    ]
     assert frozenset({(1, 5, 2, 2, 16), (1, 5, 2, 16)}) in dots
-    k_shaped = [e for e in _equations(jaxpr) if any(tuple(v.aval.shape) == (1, 5, 4, 16) for v in e.outvars)
-                and e.primitive.name in ("broadcast_in_dim", "gather", "tile")]
+    k_shaped = [
+        e
+        for e in _equations(jaxpr)
+        if any(tuple(v.aval.shape) == (1, 5, 4, 16) for v in e.outvars)
+        and e.primitive.name in ("broadcast_in_dim", "gather", "tile")
+    ]
     assert not k_shaped
 
 
@@ -168,15 +178,18 @@ def test_default_dtype_is_float32_on_cpu():
 
 
 # ------------------------------------------------------------------ configuration
-@pytest.mark.parametrize("changes,field", [
-    (dict(dim=65, n_heads=8), "n_heads"),
-    (dict(n_heads=8, n_kv_heads=3), "n_kv_heads"),
-    (dict(dim=0), "dim"),
-    (dict(n_layers=-1), "n_layers"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(hidden_dim=0), "hidden_dim"),
-    (dict(norm_eps=0.0), "norm_eps"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        (dict(dim=65, n_heads=8), "n_heads"),
+        (dict(n_heads=8, n_kv_heads=3), "n_kv_heads"),
+        (dict(dim=0), "dim"),
+        (dict(n_layers=-1), "n_layers"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(hidden_dim=0), "hidden_dim"),
+        (dict(norm_eps=0.0), "norm_eps"),
+    ],
+)
 def test_bad_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**changes)
@@ -188,14 +201,17 @@ def _hf_dict(**changes):
     return d
 
 
-@pytest.mark.parametrize("changes,field", [
-    (dict(attention_bias=True), "attention_bias"),
-    (dict(mlp_bias=True), "mlp_bias"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
-    (dict(rope_scaling={"type": "dynamic", "factor": 4.0}), "dynamic"),
-    (dict(num_attention_heads=8, num_key_value_heads=3), "n_kv_heads"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 4.0}), "dynamic"),
+        (dict(num_attention_heads=8, num_key_value_heads=3), "n_kv_heads"),
+    ],
+)
 def test_bad_hf_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
         LlamaConfig.from_hf_config(_hf_dict(**changes))
@@ -209,14 +225,24 @@ def test_hf_config_round_trip_and_legacy_type_key():
     legacy["rope_scaling"]["type"] = legacy["rope_scaling"].pop("rope_type")
     assert LlamaConfig.from_hf_config(legacy) == c
     import transformers
-    hf = transformers.LlamaConfig(**c.to_hf_config())   # transformers reads our dict as it is
+
+    hf = transformers.LlamaConfig(**c.to_hf_config())  # transformers reads our dict as it is
     assert LlamaConfig.from_hf_config(hf.to_dict()) == c
 
 
 def test_meta_params():
-    params = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-              "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-05, "rope_theta": 500000.0,
-              "use_scaled_rope": True}
+    params = {
+        "dim": 4096,
+        "n_layers": 32,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "ffn_dim_multiplier": 1.3,
+        "multiple_of": 1024,
+        "norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    }
     assert LlamaConfig.from_meta_params(params) == PRESETS["llama3.1-8b"]
     with pytest.raises(ValueError, match="vocab_size"):
         LlamaConfig.from_meta_params({**params, "vocab_size": -1})
@@ -238,8 +264,10 @@ def test_logits_match_metas_reference_transformer():
     Llama 3.1 scaling (Meta's fixed constants), same weights."""
     from tests.meta_reference import meta_forward
     from tests.reference import meta_state_dict
-    config = tiny_config(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=192, rope_theta=500000.0,
-                         rope_scaling=LLAMA31_SCALING)
+
+    config = tiny_config(
+        dim=64, n_heads=4, n_kv_heads=2, hidden_dim=192, rope_theta=500000.0, rope_scaling=LLAMA31_SCALING
+    )
     model = randomize(Llama(config, rngs=nnx.Rngs(7), param_dtype=jnp.float32), 7)
     params = config.to_meta_params()
     tokens = np.random.default_rng(3).integers(0, config.vocab_size, (2, 64))

@@ -14,8 +14,9 @@ def test_quickstart_notebook_executes(smollm2_checkpoint):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}
+    )
     client.execute()
     texts, images = [], 0
     for cell in nb.cells:
@@ -28,7 +29,7 @@ def test_quickstart_notebook_executes(smollm2_checkpoint):
             images += "image/png" in data
     text = "".join(texts)
     assert "assistant:" in text and "Paris" in text.split("assistant:", 1)[1]
-    assert images >= 1                                     # the loss plot
+    assert images >= 1  # the loss plot
     assert "tool calls: [('get_weather'" in text and "tool result:" in text
     assert "step 5: loss" in text
     assert "perplexity float32:" in text

@@ -49,7 +49,7 @@ PYTHON_BLOCKS, COMMANDS = readme_blocks()
 
 def _env():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)                     # the sharding block sets its own
+    env.pop("XLA_FLAGS", None)  # the sharding block sets its own
     return env
 
 
@@ -62,8 +62,9 @@ def workdir(tmp_path_factory, smollm2_checkpoint):
         os.symlink(os.path.join(ROOT, name), d / name)
     convert = [c for c in COMMANDS if "--source=gguf" in c and "--output=ckpt/" in c]
     assert len(convert) == 1, COMMANDS
-    proc = subprocess.run(["bash", "-c", convert[0] + " --progress=false"], cwd=d, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "-c", convert[0] + " --progress=false"], cwd=d, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (d / "ckpt" / "config.json").exists()
     return d
@@ -77,8 +78,9 @@ def test_readme_has_blocks():
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_python_block_runs_as_written(index, workdir):
     code = PYTHON_BLOCKS[index]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=_env(), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, f"README python block {index}:\n{code}\n{proc.stderr[-4000:]}"
     assert "WARNING:absl" not in proc.stderr and "OCDBT" not in proc.stderr, proc.stderr[-2000:]
 
@@ -96,12 +98,13 @@ def test_shell_commands_run(workdir):
         if command.startswith("llama-jax-") and shutil.which(command.split()[0]) is None:
             command = command.replace("llama-jax-convert", f"{sys.executable} -m conversions", 1)
         if "--source=gguf" in command and "--output=ckpt/" in command:
-            continue                                    # ran by the workdir fixture
+            continue  # ran by the workdir fixture
         if command.startswith("python "):
-            command = sys.executable + command[len("python"):]
+            command = sys.executable + command[len("python") :]
         t0 = time.time()
-        proc = subprocess.run(["bash", "-c", command], cwd=workdir, env=_env(), capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            ["bash", "-c", command], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=600
+        )
         ran.append((command, round(time.time() - t0, 1)))
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr

@@ -27,11 +27,13 @@ def _run(logits, seed=0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, key=Non
     logits = jnp.asarray(logits, jnp.float32)
     b = logits.shape[0]
     f, s = _filter_and_sample_jit(
-        logits, jax.random.key(seed) if key is None else key,
+        logits,
+        jax.random.key(seed) if key is None else key,
         jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,)),
         jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (b,)),
         jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,)),
-        jnp.broadcast_to(jnp.asarray(min_p, jnp.float32), (b,)))
+        jnp.broadcast_to(jnp.asarray(min_p, jnp.float32), (b,)),
+    )
     assert s.dtype == jnp.int32 and s.shape == (b,) and f.dtype == jnp.float32 and f.shape == logits.shape
     return np.asarray(f), np.asarray(s)
 
@@ -47,7 +49,7 @@ _B, _V = 3, 17  # the shape of most tests; one more compilation per other shape
 def _padded_log(probs, rows):
     """[rows, _V] logits: log of `probs`, then zero-probability (-inf) tokens up to _V."""
     p = np.zeros(_V)
-    p[:len(probs)] = probs
+    p[: len(probs)] = probs
     with np.errstate(divide="ignore"):
         return np.tile(np.log(p).astype(np.float32), (rows, 1))
 
@@ -135,6 +137,7 @@ def test_mixed_greedy_and_sampled_rows():
 
 # ---------------------------------------------------------------- seeds and independence
 
+
 def test_fixed_key_reproducible_and_keys_differ():
     logits = np.random.default_rng(1).normal(size=(4000, _V)).astype(np.float32)
     kw = dict(temperature=0.9, top_k=10, top_p=0.95, min_p=0.01)
@@ -168,6 +171,7 @@ def test_per_row_keys():
 
 # ---------------------------------------------------------------- jit with per-row parameters
 
+
 def test_jit_per_row_params_equal_scalar_calls():
     logits = jnp.asarray(np.random.default_rng(3).normal(size=(_B, _V)) * 3, jnp.float32)
     settings_ = [
@@ -199,6 +203,7 @@ def test_jit_per_row_params_equal_scalar_calls():
 
 
 # ---------------------------------------------------------------- reference semantics and properties
+
 
 def _reference_keep(logits, t, k, p, m, slack=1e-4):
     """float64 NumPy reference of the documented semantics for one row; None when a cut is within
@@ -286,13 +291,24 @@ def test_matches_transformers_warpers():
     that order) on continuous random logits, where no ties or exact boundaries occur."""
     import torch
     from transformers.generation.logits_process import (
-        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     rng = np.random.default_rng(4)
     n_kept = []
     ids = torch.zeros((_B, 1), dtype=torch.long)
-    for t, k, p, m in [(1.0, 0, 0.9, 0.0), (0.7, 8, 1.0, 0.0), (1.3, 0, 1.0, 0.05), (0.8, 10, 0.6, 0.1),
-                       (2.0, 12, 0.95, 0.02), (1.0, 5, 0.3, 0.0), (0.5, 0, 0.7, 0.3)]:
+    for t, k, p, m in [
+        (1.0, 0, 0.9, 0.0),
+        (0.7, 8, 1.0, 0.0),
+        (1.3, 0, 1.0, 0.05),
+        (0.8, 10, 0.6, 0.1),
+        (2.0, 12, 0.95, 0.02),
+        (1.0, 5, 0.3, 0.0),
+        (0.5, 0, 0.7, 0.3),
+    ]:
         logits = (rng.normal(size=(_B, _V)) * 2.5).astype(np.float32)
         scores = torch.from_numpy(logits.copy())
         warpers = [TemperatureLogitsWarper(t)]
@@ -312,6 +328,7 @@ def test_matches_transformers_warpers():
 
 # ---------------------------------------------------------------- log-probs and validation
 
+
 def test_log_probs_of_unfiltered_logits():
     logits = np.random.default_rng(5).normal(size=(_B, _V)).astype(np.float32) * 3
     tokens = np.array([0, 7, 16])
@@ -325,19 +342,22 @@ def test_log_probs_of_unfiltered_logits():
     assert np.isfinite(np.asarray(log_probs(jnp.asarray(logits), jnp.argmin(jnp.asarray(logits), -1)))).all()
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(temperature=-0.1), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=-1), "top_k"),
-    (dict(top_k=2.5), "top_k"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.01), "top_p"),
-    (dict(top_p=-0.5), "top_p"),
-    (dict(min_p=-0.01), "min_p"),
-    (dict(min_p=1.5), "min_p"),
-    (dict(top_p=np.array([0.5, 0.0])), "top_p"),
-    (dict(temperature="hot"), "temperature"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+        (dict(top_p=-0.5), "top_p"),
+        (dict(min_p=-0.01), "min_p"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(top_p=np.array([0.5, 0.0])), "top_p"),
+        (dict(temperature="hot"), "temperature"),
+    ],
+)
 def test_validate_sampling_names_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         validate_sampling(**kwargs)

@@ -77,12 +77,12 @@ def test_generate_equals_engine_generate_continuous(engine):
 
 def test_prefix_cache_hit_gives_the_tokens_of_a_miss(engine):
     a, b, c = _prompts([45, 25, 70], seed=1)
-    prompts = [a, a, a[:20] + b, c, a]                # repeat, shared first page, a long one that evicts, repeat
+    prompts = [a, a, a[:20] + b, c, a]  # repeat, shared first page, a long one that evicts, repeat
     with Scheduler(engine, ByteTokenizer(), max_batch=1, stop_ids=()) as s:
         miss = _run(s, prompts)
     with Scheduler(engine, ByteTokenizer(), max_batch=1, stop_ids=(), prefix_cache_pages=5, page_size=16) as s:
         hit = []
-        for p in prompts:                             # one at a time: each sees the pages of the ones before
+        for p in prompts:  # one at a time: each sees the pages of the ones before
             hit += _run(s, [p])
         stats = s.stats()
     assert [r.tokens for r in hit] == [r.tokens for r in miss]
@@ -116,8 +116,8 @@ def test_cancel_frees_the_row_and_queue_full(engine):
     with Scheduler(engine, ByteTokenizer(), max_batch=1, max_queue=1, stop_ids=()) as s:
         q = queue.Queue()
         r = s.submit(Request(p, SamplingParams(max_tokens=MAX_LENGTH - 10), q.put))
-        assert q.get(timeout=300).kind == "token"        # running
-        s.submit(Request(p, SamplingParams(max_tokens=2), lambda e: None))   # waits
+        assert q.get(timeout=300).kind == "token"  # running
+        s.submit(Request(p, SamplingParams(max_tokens=2), lambda e: None))  # waits
         with pytest.raises(QueueFull):
             s.submit(Request(p, SamplingParams(max_tokens=2), lambda e: None))
         s.cancel(r)
@@ -135,7 +135,7 @@ def test_paged_attention_equals_dense():
     b, s, p, t = 3, 48, 16, 5
     n_pages = 12
     cache = init_paged_cache(CONFIG, n_pages, p, b, s // p)
-    perm = rng.permutation(n_pages)[: b * (s // p)].reshape(b, s // p)      # each row's pages, out of order
+    perm = rng.permutation(n_pages)[: b * (s // p)].reshape(b, s // p)  # each row's pages, out of order
     cache = cache.replace(page_table=jnp.asarray(perm, jnp.int32))
     k_heads, h, n = CONFIG.n_kv_heads, CONFIG.head_dim, CONFIG.n_heads
     k = jnp.asarray(rng.normal(size=(b, s, k_heads, h)), jnp.float32)
@@ -154,6 +154,7 @@ def test_paged_attention_equals_dense():
 def test_paged_fits_more_requests_than_dense():
     """With one cache budget, a realistic mix (many short, a few long) fits more rows paged than dense."""
     from experiments.bench_serve import concurrency_fit
+
     lengths = [200] * 28 + [3000] * 4
     fit = concurrency_fit(lengths, budget_tokens=16 * 4096, max_length=4096, page_size=16)
     assert fit["dense"] == 16 and fit["paged"] == len(lengths) > fit["dense"]

@@ -26,9 +26,15 @@ def run_worker(script, *args, timeout=600, devices=8):
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env["LLAMA_JAX_COMPILATION_CACHE"] = ""        # hermetic: no persistent XLA cache
-    proc = subprocess.run([sys.executable, os.path.join(WORKERS, script), *map(str, args)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    env["LLAMA_JAX_COMPILATION_CACHE"] = ""  # hermetic: no persistent XLA cache
+    proc = subprocess.run(
+        [sys.executable, os.path.join(WORKERS, script), *map(str, args)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -49,12 +55,12 @@ def test_sharded_logits_and_greedy_tokens_match_one_device(parity, mesh):
     # sharded matmuls reduce in another order: float32 rounding at the worker's D 64, L 2, relative to max |logit|
     assert r["logits_diff"] <= relative_tolerance(64, 2) * parity["ref_scale"], r["logits_diff"]
     assert r["tokens"] == parity["ref_tokens"]
-    if "engine_tokens" in r:                    # llama_jax.engine.Engine.generate on the sharded parameters
+    if "engine_tokens" in r:  # llama_jax.engine.Engine.generate on the sharded parameters
         assert r["engine_tokens"] == parity["engine_ref_tokens"]
         assert any("tensor" in spec or "fsdp" in spec for spec in r["engine_specs"])
-        assert r["engine_cache_specs"] == r["cache_specs"]      # the engine's KV cache is created in its shards
-    if "init_diff" in r:                        # sharded-from-birth init == unsharded init of the same seed
-        assert r["init_diff"] <= 1e-6               # same RNG bits, one scaling of values ~0.02: rounding only
+        assert r["engine_cache_specs"] == r["cache_specs"]  # the engine's KV cache is created in its shards
+    if "init_diff" in r:  # sharded-from-birth init == unsharded init of the same seed
+        assert r["init_diff"] <= 1e-6  # same RNG bits, one scaling of values ~0.02: rounding only
 
 
 def test_parity_worker_covered_init_and_engine(parity):
@@ -67,11 +73,11 @@ def test_every_large_parameter_is_sharded(parity, mesh):
     tensor = int(mesh.split("x")[2])
     for path, p in parity[mesh]["params"].items():
         is_norm = "norm" in path
-        kv_replicated = ("k_proj" in path or "v_proj" in path) and tensor > 2    # 2 KV heads < tensor axis
+        kv_replicated = ("k_proj" in path or "v_proj" in path) and tensor > 2  # 2 KV heads < tensor axis
         if is_norm or kv_replicated:
             continue
         assert p["fraction"] <= 0.5, (mesh, path, p)
-    if tensor == 8:   # K/V projections replicated over heads (not refused), and nothing else is
+    if tensor == 8:  # K/V projections replicated over heads (not refused), and nothing else is
         for path, p in parity[mesh]["params"].items():
             if "k_proj" in path or "v_proj" in path:
                 assert "tensor" not in p["spec"], (path, p)
@@ -84,13 +90,14 @@ def test_kv_cache_sharding(parity):
 
 
 # ------------------------------------------------------------------------------------------ bad input
-CFG = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden_dim=128,
-                  max_seq_len=64)
+CFG = LlamaConfig(
+    vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden_dim=128, max_seq_len=64
+)
 
 
 def test_mesh_size_must_match_device_count():
     n = jax.device_count()
-    with pytest.raises(ValueError, match=r"tensor=%d .*%d device\(s\) are available" % (n + 1, n)):
+    with pytest.raises(ValueError, match=rf"tensor={n + 1} .*{n} device\(s\) are available"):
         S.make_mesh(tensor=n + 1)
     with pytest.raises(ValueError, match="'fsdp'"):
         S.make_mesh(fsdp=0)
@@ -100,8 +107,13 @@ def test_parse_mesh():
     assert S.parse_mesh_sizes("data=1,fsdp=2,tensor=4") == {"data": 1, "fsdp": 2, "tensor": 4}
     assert S.parse_mesh_sizes("tensor=8") == {"data": 1, "fsdp": 1, "tensor": 8}
     assert S.parse_mesh_sizes("") == {"data": 1, "fsdp": 1, "tensor": 1}
-    for bad, culprit in [("model=2", "'model'"), ("tensor=two", "'tensor'"), ("tensor=0", "'tensor'"),
-                         ("tensor=2,tensor=2", "'tensor'"), ("tensor", "'tensor'")]:
+    for bad, culprit in [
+        ("model=2", "'model'"),
+        ("tensor=two", "'tensor'"),
+        ("tensor=0", "'tensor'"),
+        ("tensor=2,tensor=2", "'tensor'"),
+        ("tensor", "'tensor'"),
+    ]:
         with pytest.raises(ValueError, match=culprit):
             S.parse_mesh_sizes(bad)
         with pytest.raises(ValueError, match=culprit):
@@ -110,7 +122,7 @@ def test_parse_mesh():
     mesh = S.parse_mesh(f"tensor={n}")
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": n}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-    with pytest.raises(ValueError, match="tensor=%d" % (n + 1)):
+    with pytest.raises(ValueError, match=f"tensor={n + 1}"):
         S.parse_mesh(f"tensor={n + 1}")
 
 
@@ -122,12 +134,16 @@ class FakeMesh:
         self.axis_names = tuple(self.shape)
 
 
-@pytest.mark.parametrize("field,value,axis", [("n_heads", 12, "q_heads"), ("hidden_dim", 100, "mlp"),
-                                              ("vocab_size", 250, "vocab")])
+@pytest.mark.parametrize(
+    "field,value,axis", [("n_heads", 12, "q_heads"), ("hidden_dim", 100, "mlp"), ("vocab_size", 250, "vocab")]
+)
 def test_tensor_axis_must_divide(field, value, axis):
     cfg = CFG.replace(**{field: value, "n_kv_heads": 2 if field != "n_heads" else 4})
-    with pytest.raises(ValueError, match=rf"mesh axis 'tensor' of size 8 does not divide {field}={value}"
-                                         rf" \(logical axis '{axis}'\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"mesh axis 'tensor' of size 8 does not divide {field}={value}"
+        rf" \(logical axis '{axis}'\)",
+    ):
         S.validate(cfg, FakeMesh(tensor=8))
 
 
@@ -137,7 +153,7 @@ def test_fsdp_axis_must_divide_dim():
 
 
 def test_fewer_kv_heads_than_tensor_axis_is_replicated_not_refused():
-    S.validate(CFG, FakeMesh(tensor=8))       # 2 KV heads, 8-way tensor axis: fine
+    S.validate(CFG, FakeMesh(tensor=8))  # 2 KV heads, 8-way tensor axis: fine
     spec = S.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 2, 8), FakeMesh(tensor=8))
     assert spec == jax.sharding.PartitionSpec(None, None, None, None)
 
@@ -146,7 +162,7 @@ def test_colliding_rules_are_refused():
     rules = dict(S.DEFAULT_RULES, embed="tensor")
     with pytest.raises(ValueError, match=r"'vocab' and 'embed' both map to mesh axis 'tensor'"):
         S.validate(CFG, FakeMesh(tensor=2), rules)
-    rules = dict(S.DEFAULT_RULES, vocab="fsdp")                   # vocab x embed both on fsdp
+    rules = dict(S.DEFAULT_RULES, vocab="fsdp")  # vocab x embed both on fsdp
     with pytest.raises(ValueError, match="mesh axis 'fsdp'.*embedder.embedding"):
         S.validate_rules(rules)
 
@@ -173,10 +189,10 @@ def restored(tmp_path_factory):
 @pytest.mark.parametrize("mesh", ["1x1x8", "2x2x2"])
 def test_restore_onto_mesh_never_materialises_a_full_parameter(restored, mesh):
     r = restored[mesh]
-    assert r["diff"] == 0.0                                   # exact round trip (float32)
+    assert r["diff"] == 0.0  # exact round trip (float32)
     params = r["params"]
     for path, p in params.items():
-        assert p["spec"] == p["want"], (path, p)              # restored straight into the rules' sharding
+        assert p["spec"] == p["want"], (path, p)  # restored straight into the rules' sharding
         assert p["devices"] == 8
     # Per-device budget = the largest per-device shard of any parameter (under half the largest parameter): no
     # buffer created during the restore, and no live buffer afterwards, exceeds it.
@@ -189,9 +205,10 @@ def test_restore_onto_mesh_never_materialises_a_full_parameter(restored, mesh):
 
 def test_405b_on_a_16_way_tensor_axis_replicates_its_8_kv_heads():
     from llama_jax.config import get_preset
+
     cfg = get_preset("llama3.1-405b")
     mesh = FakeMesh(tensor=16)
-    S.validate(cfg, mesh)                                      # not refused
+    S.validate(cfg, mesh)  # not refused
     kv = S.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (cfg.n_layers, cfg.dim, 8, 128), mesh)
     q = S.logical_to_spec(("layers", "embed", "q_heads", "head_dim"), (cfg.n_layers, cfg.dim, 128, 128), mesh)
     assert kv == jax.sharding.PartitionSpec(None, None, None, None)

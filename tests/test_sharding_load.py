@@ -9,7 +9,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-WORKER = r'''
+WORKER = r"""
 import os, sys
 import jax
 import jax.numpy as jnp
@@ -35,18 +35,24 @@ for name, fn in [("init_sharded", lambda: sharding.init_sharded(cfg, mesh)),
         print(f"{name}: accepted")
 ok = llama_jax.load(path, mesh=sharding.make_mesh(fsdp=8))        # a mesh that divides everything loads
 print("fsdp=8:", tuple(ok.layers.attention.q_proj[...].sharding.spec))
-'''
+"""
 
 
 def test_load_refuses_the_mesh_init_sharded_refuses(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path / "ckpt")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER, str(tmp_path / "ckpt")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
     for name in ("init_sharded", "load", "quant.load"):
         msg = lines[name]
         assert msg.startswith("ValueError:"), (name, msg)
         assert "'tensor'" in msg and "n_heads=9" in msg and "'q_heads'" in msg, (name, msg)
-    assert "'fsdp'" in lines["fsdp=8"]                   # the model dimension split 8 ways
+    assert "'fsdp'" in lines["fsdp=8"]  # the model dimension split 8 ways

@@ -39,7 +39,15 @@ def test_real_tokenizer_file_is_the_expected_one():
 # ------------------------------------------------------------------------------------------- cases/tokenizer.md
 def test_case_encode_with_bos_eos(tok):
     assert tok.encode("This is a test sentence.", bos=True, eos=True) == [
-        128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+        128000,
+        2028,
+        374,
+        264,
+        1296,
+        11914,
+        13,
+        128001,
+    ]
 
 
 def test_case_decode_with_special_tokens(tok):
@@ -58,16 +66,26 @@ def test_case_punctuation_and_spaces(tok):
 
 
 def test_special_ids_names_and_stop_ids(tok, ref):
-    expected = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>",
-                128006: "<|start_header_id|>", 128007: "<|end_header_id|>", 128008: "<|eom_id|>",
-                128009: "<|eot_id|>", 128010: "<|python_tag|>"}
+    expected = {
+        128000: "<|begin_of_text|>",
+        128001: "<|end_of_text|>",
+        128004: "<|finetune_right_pad_id|>",
+        128006: "<|start_header_id|>",
+        128007: "<|end_header_id|>",
+        128008: "<|eom_id|>",
+        128009: "<|eot_id|>",
+        128010: "<|python_tag|>",
+    }
     for i, name in expected.items():
         assert tok.special_tokens[name] == i
         assert tok.decode([i]) == name
     assert tok.special_tokens == ref.special_tokens
     assert len(tok.special_tokens) == 256 and len(LLAMA3_SPECIAL_TOKENS) == 256
-    assert all(t.startswith("<|reserved_special_token_") for t, i in tok.special_tokens.items()
-               if i not in expected and i not in (128005, 128011))
+    assert all(
+        t.startswith("<|reserved_special_token_")
+        for t, i in tok.special_tokens.items()
+        if i not in expected and i not in (128005, 128011)
+    )
     assert tok.vocab_size == 128256 == ref.n_words
     assert (tok.bos_id, tok.eos_id, tok.kind) == (128000, 128001, "llama3")
     assert tok.stop_ids == frozenset({128001, 128008, 128009}) == frozenset(ref.stop_tokens)
@@ -96,10 +114,16 @@ def test_no_double_bos(tok):
 
 
 _REF_TEXTS = {
-    "empty": "", "space": " ", "words": "hello world", "padded": "  leading and trailing  ",
-    "whitespace": "tabs\tand\nnewlines\r\n\n", "contractions": "I'm here, you're there",
-    "cjk_emoji": "数学は楽しい 🙂👍🏽", "runs_over_25k": "x" * 30_000 + " " * 30_000 + "y z" * 9_000,
-    "over_400k_window": ("ab " * 150_000) + "c" * 120_000, "special_text": "<|eot_id|> typed by a user",
+    "empty": "",
+    "space": " ",
+    "words": "hello world",
+    "padded": "  leading and trailing  ",
+    "whitespace": "tabs\tand\nnewlines\r\n\n",
+    "contractions": "I'm here, you're there",
+    "cjk_emoji": "数学は楽しい 🙂👍🏽",
+    "runs_over_25k": "x" * 30_000 + " " * 30_000 + "y z" * 9_000,
+    "over_400k_window": ("ab " * 150_000) + "c" * 120_000,
+    "special_text": "<|eot_id|> typed by a user",
     "controls": "\x00\x01\x7f control",
 }
 
@@ -115,8 +139,9 @@ _pieces = st.one_of(
     st.text(st.sampled_from("😀🙂👍🏽👨‍👩‍👧🇫🇷✨🚀"), max_size=20),  # emoji incl. ZWJ / modifier sequences
     st.text(st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), max_size=30),  # CJK
     st.text(st.characters(min_codepoint=0, max_codepoint=0x1F), max_size=20),  # C0 control characters
-    st.builds(lambda c, n: c * n, st.sampled_from([" ", "\t", "\n", "\r\n", "\u3000", "\xa0"]),
-              st.integers(1, 3000)),  # long whitespace runs
+    st.builds(
+        lambda c, n: c * n, st.sampled_from([" ", "\t", "\n", "\r\n", "\u3000", "\xa0"]), st.integers(1, 3000)
+    ),  # long whitespace runs
     st.sampled_from(["<|eot_id|>", "<|begin_of_text|>", "1234567", "'s", "\u200b"]),
 )
 
@@ -156,11 +181,16 @@ def test_llama3_save_roundtrip(tok, tmp_path):
 def test_sentencepiece(tmp_path):
     import sentencepiece as spm
 
-    text = ["the quick brown fox jumps over the lazy dog", "hello world, hello tokenizer",
-            "sentencepiece models are protobufs", "numbers 123 and 4567"] * 20
+    text = [
+        "the quick brown fox jumps over the lazy dog",
+        "hello world, hello tokenizer",
+        "sentencepiece models are protobufs",
+        "numbers 123 and 4567",
+    ] * 20
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=60,
-                                   model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=buf, vocab_size=60, model_type="bpe", minloglevel=2
+    )
     path = tmp_path / "tokenizer.model"
     path.write_bytes(buf.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
@@ -179,13 +209,16 @@ def test_sentencepiece(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("content, detected", [
-    (b"", "empty file"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary data"),
-    (b"just some words\nand more\n", "text file"),
-    (b'{"vocab": {"a": 0}}', "JSON without a 'model'"),
-    (b"{not json", "JSON that does not parse"),
-])
+@pytest.mark.parametrize(
+    "content, detected",
+    [
+        (b"", "empty file"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary data"),
+        (b"just some words\nand more\n", "text file"),
+        (b'{"vocab": {"a": 0}}', "JSON without a 'model'"),
+        (b"{not json", "JSON that does not parse"),
+    ],
+)
 def test_unknown_format_names_what_was_detected(tmp_path, content, detected):
     p = tmp_path / "mystery.bin"
     p.write_bytes(content)
@@ -225,8 +258,12 @@ def gguf_pair():
 
 
 _GGUF_STRINGS = [
-    "Hello world", "  two leading spaces and trailing  ", "I'm fine, you're not; it's 1234567 o'clock.",
-    "数学は楽しい 🙂👍🏽 \u00e9\u0301", "tabs\tnew\nlines\r\n\n\n", "def f(x):\n    return x ** 2\n",
+    "Hello world",
+    "  two leading spaces and trailing  ",
+    "I'm fine, you're not; it's 1234567 o'clock.",
+    "数学は楽しい 🙂👍🏽 \u00e9\u0301",
+    "tabs\tnew\nlines\r\n\n\n",
+    "def f(x):\n    return x ** 2\n",
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n",
 ]
@@ -252,9 +289,15 @@ def test_gguf_chat_template_equals_transformers(gguf_pair):
     ours, theirs = gguf_pair
     fmt = chat_format_for(ours)
     assert isinstance(fmt, TemplateChatFormat)
-    for msgs in ([{"role": "user", "content": "What is 2+2?"}],
-                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "数学 🙂"}]):
+    for msgs in (
+        [{"role": "user", "content": "What is 2+2?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "数学 🙂"},
+        ],
+    ):
         for gen in (True, False):
             expected = theirs.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
             if isinstance(expected, dict) or hasattr(expected, "keys"):
@@ -272,8 +315,16 @@ def test_gguf_save_roundtrip(gguf_pair, tmp_path):
     extras = json.loads((tmp_path / "tokenizer" / EXTRAS_FILE).read_text())
     assert extras["kind"] == "hf" and extras["chat_template"] == ours.chat_template
     again = Tokenizer.from_file(tmp_path / "tokenizer")
-    for attr in ("kind", "bos_id", "eos_id", "stop_ids", "vocab_size", "special_tokens", "chat_template",
-                 "add_bos_token"):
+    for attr in (
+        "kind",
+        "bos_id",
+        "eos_id",
+        "stop_ids",
+        "vocab_size",
+        "special_tokens",
+        "chat_template",
+        "add_bos_token",
+    ):
         assert getattr(again, attr) == getattr(ours, attr), attr
     for s in _GGUF_STRINGS:
         assert again.encode(s, allowed_special="all") == ours.encode(s, allowed_special="all")
@@ -286,8 +337,11 @@ def test_hf_tokenizer_json_with_config(gguf_pair, tmp_path):
     d = tmp_path / "hf"
     ours.save(d)
     os.remove(d / EXTRAS_FILE)
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "chat_template": "{{ bos_token }}"}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "chat_template": "{{ bos_token }}"}
+        )
+    )
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     t = Tokenizer.from_file(d)
     assert (t.kind, t.bos_id, t.eos_id, t.chat_template) == ("hf", 1, 2, "{{ bos_token }}")
@@ -304,8 +358,11 @@ def _write_tiny_gguf(path, model="gpt2", pre="llama-bpe", with_tokenizer=True):
     w = gguf.GGUFWriter(str(path), "llama")
     if with_tokenizer:
         merges = ["Ġ t", "h e", "Ġt he", "l l", "he ll", "hell o", "Ġ w", "o r"]
-        tokens = (["<|begin_of_text|>", "<|eot_id|>", "<think>"] + sorted(pre_tokenizers.ByteLevel.alphabet())
-                  + ["Ġt", "he", "Ġthe", "ll", "hell", "hello", "Ġw", "or"])
+        tokens = (
+            ["<|begin_of_text|>", "<|eot_id|>", "<think>"]
+            + sorted(pre_tokenizers.ByteLevel.alphabet())
+            + ["Ġt", "he", "Ġthe", "ll", "hell", "hello", "Ġw", "or"]
+        )
         w.add_tokenizer_model(model)
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)

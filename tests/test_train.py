@@ -19,13 +19,13 @@ from flax import nnx
 
 from llama_jax import data, train
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama
 from tests.conftest import keep_kernel_flags
 from tests.numerics import relative_tolerance
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=128,
-                   rope_theta=10000.0)
+TINY = LlamaConfig(
+    vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=128, rope_theta=10000.0
+)
 
 
 def _rows(seed=0, n_docs=6, seq_len=16, vocab=64):
@@ -37,8 +37,10 @@ def _rows(seed=0, n_docs=6, seq_len=16, vocab=64):
 # ------------------------------------------------------------------------------------------------ transformers parity
 def _to_torch_state(params, cfg):
     import torch
+
     from conversions.hf import OURS_TO_HF
     from tests.reference import to_torch_state_dict
+
     sd = to_torch_state_dict(jax.tree.map(np.asarray, params), cfg, OURS_TO_HF)
     return {k: torch.tensor(v) for k, v in sd.items()}
 
@@ -46,6 +48,7 @@ def _to_torch_state(params, cfg):
 def _from_torch_grads(hf, cfg):
     from conversions.hf import OURS_TO_HF
     from tests.reference import from_torch_state_dict
+
     flat = from_torch_state_dict({k: v.grad.detach().numpy() for k, v in hf.named_parameters()}, cfg, OURS_TO_HF)
     out = {}
     for name, w in flat.items():
@@ -60,6 +63,7 @@ def _from_torch_grads(hf, cfg):
 def test_loss_and_gradients_match_transformers():
     import torch
     import transformers
+
     cfg = TINY
     model = train.host_random_model(cfg, seed=3, param_dtype=jnp.float32)
     graphdef, state = nnx.split(model, nnx.Param)
@@ -72,9 +76,13 @@ def test_loss_and_gradients_match_transformers():
     b, t = 3, 12
     seq = rng.integers(0, cfg.vocab_size, size=(b, t + 1)).astype(np.int32)
     mask = (rng.random((b, t)) > 0.25).astype(np.float32)
-    batch = dict(tokens=seq[:, :-1], targets=seq[:, 1:], loss_mask=mask,
-                 positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
-                 segment_ids=np.ones((b, t), np.int32))
+    batch = dict(
+        tokens=seq[:, :-1],
+        targets=seq[:, 1:],
+        loss_mask=mask,
+        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+        segment_ids=np.ones((b, t), np.int32),
+    )
     loss, grads = jax.value_and_grad(lambda p: train.loss_fn(graphdef, p, batch))(params)
 
     hf_cfg = transformers.LlamaConfig(**cfg.to_hf_config())
@@ -105,18 +113,19 @@ def test_loss_and_gradients_match_transformers():
 def test_overfits_four_sequences_and_accumulation_equals_big_batch():
     rows = _rows(seed=1, n_docs=4, seq_len=16)
     rows = {k: v[:4] for k, v in rows.items()}
-    cfg = train.TrainConfig(learning_rate=1e-2, warmup_steps=5, total_steps=150, weight_decay=0.01,
-                            clip_norm=1.0, grad_accum=2)
+    cfg = train.TrainConfig(
+        learning_rate=1e-2, warmup_steps=5, total_steps=150, weight_decay=0.01, clip_norm=1.0, grad_accum=2
+    )
     trainer = train.Trainer(train.host_random_model(TINY), cfg)
     big = train.Trainer(train.host_random_model(TINY), dataclasses.replace(cfg, grad_accum=1))
-    accum_batch = {k: v.reshape(2, 2, *v.shape[1:]) for k, v in rows.items()}       # [A=2, B=2, T]
-    big_batch = {k: v[None] for k, v in rows.items()}                                 # [A=1, B=4, T]
+    accum_batch = {k: v.reshape(2, 2, *v.shape[1:]) for k, v in rows.items()}  # [A=2, B=2, T]
+    big_batch = {k: v[None] for k, v in rows.items()}  # [A=1, B=4, T]
     m1 = trainer.train_step(accum_batch)
     m2 = big.train_step(big_batch)
     assert m1["tokens"] == m2["tokens"] == rows["loss_mask"].sum()
     # batch 2 x 2 vs 4 may tile the matmuls differently: float32 rounding at D, L (tests/numerics.py)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=relative_tolerance(TINY.dim, TINY.n_layers))
-    for x, y in zip(jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(big.state["params"])):
+    for x, y in zip(jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(big.state["params"]), strict=False):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     first = m1["loss"]
     for _ in range(cfg.total_steps - 1):
@@ -129,8 +138,9 @@ def test_overfits_four_sequences_and_accumulation_equals_big_batch():
 def test_lora_trains_only_lora_and_merges():
     rows = _rows(seed=2)
     targets = ("q_proj", "v_proj", "o_proj", "down_proj")
-    cfg = train.TrainConfig(learning_rate=1e-2, total_steps=5, lora_rank=4, lora_alpha=8.0, lora_targets=targets,
-                            weight_decay=0.1)
+    cfg = train.TrainConfig(
+        learning_rate=1e-2, total_steps=5, lora_rank=4, lora_alpha=8.0, lora_targets=targets, weight_decay=0.1
+    )
     model = train.host_random_model(TINY)
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     trainer = train.Trainer(model, cfg)
@@ -138,14 +148,17 @@ def test_lora_trains_only_lora_and_merges():
     losses = [trainer.train_step(loader.next())["loss"] for _ in range(5)]
     assert losses[-1] < losses[0]
     # the base is frozen, bit for bit
-    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(trainer.base)):
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(trainer.base), strict=False):
         np.testing.assert_array_equal(x, np.asarray(y))
     lora = jax.tree.map(np.asarray, trainer.state["params"])
     assert set(lora) == set(targets)
-    assert all(np.abs(ab["b"]).max() > 0 for ab in lora.values())                    # B left zero init
+    assert all(np.abs(ab["b"]).max() > 0 for ab in lora.values())  # B left zero init
     # the optimizer state holds only LoRA-shaped moments
-    adam = [s for s in jax.tree.leaves(trainer.state["opt_state"], is_leaf=lambda s: isinstance(
-        s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    adam = [
+        s
+        for s in jax.tree.leaves(trainer.state["opt_state"], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     assert len(adam) == 1
     assert jax.tree.structure(adam[0].mu) == jax.tree.structure(trainer.state["params"])
     n_lora = sum(x.size for x in jax.tree.leaves(lora))
@@ -155,19 +168,21 @@ def test_lora_trains_only_lora_and_merges():
     merged = jax.tree.map(np.asarray, train.merge_lora(trainer.base, trainer.state["params"], cfg.lora_alpha))
     scale = cfg.lora_alpha / cfg.lora_rank
     att, mlp = before["layers"]["attention"], before["layers"]["mlp"]
-    for l in range(TINY.n_layers):
-        for name, w, mw in (("q_proj", att["q_proj"], merged["layers"]["attention"]["q_proj"]),
-                            ("v_proj", att["v_proj"], merged["layers"]["attention"]["v_proj"]),
-                            ("o_proj", att["o_proj"], merged["layers"]["attention"]["o_proj"]),
-                            ("down_proj", mlp["down_proj"], merged["layers"]["mlp"]["down_proj"])):
-            a, b = lora[name]["a"][l], lora[name]["b"][l]
-            if name == "o_proj":        # [N, H, D]: inputs are (N, H)
-                expect = w[l] + scale * (a @ b).reshape(TINY.n_heads, TINY.head_dim, TINY.dim)
-            elif name == "down_proj":   # [F, D]
-                expect = w[l] + scale * (a @ b)
-            else:                       # [D, K, H]
-                expect = w[l] + scale * (a @ b).reshape(TINY.dim, -1, TINY.head_dim)
-            np.testing.assert_allclose(mw[l], expect, rtol=1e-5, atol=1e-6)
+    for layer in range(TINY.n_layers):
+        for name, w, mw in (
+            ("q_proj", att["q_proj"], merged["layers"]["attention"]["q_proj"]),
+            ("v_proj", att["v_proj"], merged["layers"]["attention"]["v_proj"]),
+            ("o_proj", att["o_proj"], merged["layers"]["attention"]["o_proj"]),
+            ("down_proj", mlp["down_proj"], merged["layers"]["mlp"]["down_proj"]),
+        ):
+            a, b = lora[name]["a"][layer], lora[name]["b"][layer]
+            if name == "o_proj":  # [N, H, D]: inputs are (N, H)
+                expect = w[layer] + scale * (a @ b).reshape(TINY.n_heads, TINY.head_dim, TINY.dim)
+            elif name == "down_proj":  # [F, D]
+                expect = w[layer] + scale * (a @ b)
+            else:  # [D, K, H]
+                expect = w[layer] + scale * (a @ b).reshape(TINY.dim, -1, TINY.head_dim)
+            np.testing.assert_allclose(mw[layer], expect, rtol=1e-5, atol=1e-6)
     for name in ("k_proj",):
         np.testing.assert_array_equal(merged["layers"]["attention"][name], att[name])
     np.testing.assert_array_equal(merged["layers"]["mlp"]["gate_proj"], mlp["gate_proj"])
@@ -193,13 +208,16 @@ def test_checkpoint_from_another_shape_is_refused(tmp_path):
     ck.save(0, t1.state, {"data": {"epoch": 0, "cursor": 0, "seed": 0}}, force=True)
     ck.wait()
     t2 = train.Trainer(train.host_random_model(TINY.replace(hidden_dim=40)), train.TrainConfig(total_steps=5))
-    with pytest.raises(ValueError, match=r"parameter 'params\.layers\.mlp\.down_proj' has shape \(2, 48, 32\), "
-                                         r"the model expects \(2, 40, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 'params\.layers\.mlp\.down_proj' has shape \(2, 48, 32\), "
+        r"the model expects \(2, 40, 32\)",
+    ):
         ck.restore(0, t2.state)
     t3 = train.Trainer(train.host_random_model(TINY), train.TrainConfig(total_steps=5, lora_rank=2))
     with pytest.raises(ValueError, match="parameter 'params.q_proj.a'.*missing"):
         ck.restore(0, t3.state)
-    state, meta = ck.restore(0, t1.state)                      # the right shape restores
+    state, meta = ck.restore(0, t1.state)  # the right shape restores
     assert meta["data"]["cursor"] == 0
     ck.close()
 
@@ -228,16 +246,22 @@ RUN = textwrap.dedent("""
 
 
 def _run_env(cache):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        JAX_PLATFORMS="cpu",
+    )
     keep_kernel_flags(env)
     return env
 
 
 def _run(args, env):
-    res = subprocess.run([sys.executable, "-c", RUN, *map(str, args)], env=env, timeout=300, capture_output=True,
-                         text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", RUN, *map(str, args)], env=env, timeout=300, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout.split("RESULT", 1)[1])
 
@@ -248,8 +272,13 @@ def _records(path):
 
 
 def _popen(args, env):
-    return subprocess.Popen([sys.executable, "-c", RUN, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def _wait_records(proc, path, n):
@@ -263,7 +292,7 @@ def _wait_records(proc, path, n):
 
 def test_sigterm_sigkill_and_resume_give_identical_losses(tmp_path):
     steps = 14
-    env = _run_env(tmp_path / "jax_cache")      # one compilation shared by the four processes
+    env = _run_env(tmp_path / "jax_cache")  # one compilation shared by the four processes
     ref_metrics = tmp_path / "ref.jsonl"
     _run(["-", ref_metrics, steps, 0], env)
     ref = _records(ref_metrics)
@@ -294,8 +323,8 @@ def test_sigterm_sigkill_and_resume_give_identical_losses(tmp_path):
     final = _run([ckpt, metrics, steps, 0], env)
     assert final["resumed_from"] is not None and final["resumed_from"] <= killed_at and final["step"] == steps
     got = _records(metrics)
-    assert [r["step"] for r in got] == list(range(1, steps + 1))                  # nothing lost or duplicated
-    assert [r["loss"] for r in got] == [r["loss"] for r in ref]                   # exactly (float32 CPU)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))  # nothing lost or duplicated
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]  # exactly (float32 CPU)
     assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in ref]
 
 

@@ -9,16 +9,21 @@ from flax import nnx
 from llama_jax import train
 from llama_jax.config import LlamaConfig
 
-CFG = LlamaConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=512,
-                  rope_theta=10000.0)
+CFG = LlamaConfig(
+    vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=512, rope_theta=10000.0
+)
 
 
 def _batch(b, t, vocab, seed=0):
     rng = np.random.default_rng(seed)
     seq = rng.integers(0, vocab, size=(b, t + 1)).astype(np.int32)
-    return dict(tokens=seq[:, :-1], targets=seq[:, 1:], loss_mask=(rng.random((b, t)) > 0.3).astype(np.float32),
-                positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
-                segment_ids=np.ones((b, t), np.int32))
+    return dict(
+        tokens=seq[:, :-1],
+        targets=seq[:, 1:],
+        loss_mask=(rng.random((b, t)) > 0.3).astype(np.float32),
+        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+        segment_ids=np.ones((b, t), np.int32),
+    )
 
 
 def _whole_sequence_loss(graphdef, params, batch):
@@ -35,12 +40,14 @@ def test_chunked_loss_and_gradients_equal_whole_sequence():
         model = train.host_random_model(cfg, seed=1, param_dtype=jnp.float32)
         graphdef, state = nnx.split(model, nnx.Param)
         params = nnx.to_pure_dict(state)
-        batch = _batch(3, 37, cfg.vocab_size)         # 37 = 4 chunks of 10 with 3 padded positions
+        batch = _batch(3, 37, cfg.vocab_size)  # 37 = 4 chunks of 10 with 3 padded positions
         ref, g_ref = jax.jit(jax.value_and_grad(_whole_sequence_loss, argnums=1), static_argnums=0)(
-            graphdef, params, batch)
-        for chunk in ((10, 0) if tied else (10,)):
+            graphdef, params, batch
+        )
+        for chunk in (10, 0) if tied else (10,):
             loss, g = jax.jit(jax.value_and_grad(train.loss_fn, argnums=1), static_argnums=(0, 3))(
-                graphdef, params, batch, chunk)
+                graphdef, params, batch, chunk
+            )
             # float32 sums of ~100 terms in another order: a few ulps of the loss (~1e-7 relative)
             assert abs(float(loss) - float(ref)) <= 1e-6 * abs(float(ref)), (tied, chunk, loss, ref)
             for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
@@ -63,20 +70,23 @@ def _step_temp_bytes(chunk, remat, b, t):
 
 def test_chunked_loss_never_holds_the_full_logits():
     b, t = 4, 128
-    logits_bytes = b * t * BIG_VOCAB.vocab_size * 4            # 64 MiB of float32 logits
+    logits_bytes = b * t * BIG_VOCAB.vocab_size * 4  # 64 MiB of float32 logits
     whole = _step_temp_bytes(0, "full", b, t)
     chunked = _step_temp_bytes(16, "full", b, t)
-    print(f"XLA temp bytes of a gradient step: whole-sequence loss {whole / 2**20:.1f} MiB, "
-          f"16-position chunks {chunked / 2**20:.1f} MiB, full logits {logits_bytes / 2**20:.1f} MiB")
-    assert whole >= logits_bytes                               # the reference holds [B, T, V] (and more)
-    assert chunked < logits_bytes / 2                          # the chunked loss never does
+    print(
+        f"XLA temp bytes of a gradient step: whole-sequence loss {whole / 2**20:.1f} MiB, "
+        f"16-position chunks {chunked / 2**20:.1f} MiB, full logits {logits_bytes / 2**20:.1f} MiB"
+    )
+    assert whole >= logits_bytes  # the reference holds [B, T, V] (and more)
+    assert chunked < logits_bytes / 2  # the chunked loss never does
 
 
 def test_default_config_rematerialises_and_chunks():
     cfg = train.TrainConfig()
     assert cfg.remat == "full" and cfg.loss_chunk == 128
-    trainer = train.Trainer(train.host_random_model(CFG, param_dtype=jnp.float32),
-                            train.TrainConfig(learning_rate=1e-3, total_steps=2))
+    trainer = train.Trainer(
+        train.host_random_model(CFG, param_dtype=jnp.float32), train.TrainConfig(learning_rate=1e-3, total_steps=2)
+    )
     m = trainer.train_step(_batch(2, 64, CFG.vocab_size))
     assert np.isfinite(m["loss"]) and m["tokens"] > 0
 
@@ -86,10 +96,12 @@ def test_smollm2_batch_8x512_step_buffers_under_3_5_gib(smollm2_checkpoint):
     8 x 512 with the defaults stays under 3.5 GiB (14.3 GiB with remat=None and the whole-sequence loss)."""
     import os
     import sys
+
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
     from finetune_memory import step_memory
 
     from llama_jax import checkpoint
+
     cfg = train.TrainConfig()
     m = step_memory(checkpoint.read_config(smollm2_checkpoint), 8, 512, cfg.remat, cfg.loss_chunk)
     print({k: f"{v / 2**30:.2f} GiB" for k, v in m.items()})

@@ -30,17 +30,26 @@ from llama_jax.kv_cache import init_cache  # noqa: E402
 from llama_jax.model import Llama  # noqa: E402
 
 MESHES = [(1, 1, 8), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
-BIRTH_MESHES = [(1, 1, 8), (1, 8, 1)]      # parameters made by init_sharded (else device_put of the reference)
-ENGINE_MESHES = [(2, 2, 2), (1, 2, 4)]     # also greedy through llama_jax.engine.Engine
+BIRTH_MESHES = [(1, 1, 8), (1, 8, 1)]  # parameters made by init_sharded (else device_put of the reference)
+ENGINE_MESHES = [(2, 2, 2), (1, 2, 4)]  # also greedy through llama_jax.engine.Engine
 # GQA with 2 KV heads: fewer KV heads than an 8-way (or 4-way) tensor axis.
-CONFIG = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden_dim=128,
-                     max_seq_len=64, rope_theta=10000.0)
+CONFIG = LlamaConfig(
+    vocab_size=256,
+    dim=64,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=2,
+    head_dim=8,
+    hidden_dim=128,
+    max_seq_len=64,
+    rope_theta=10000.0,
+)
 B, PROMPT, STEPS, MAX_LEN = 4, 6, 4, 16
 
 
 def greedy(call, state, cache, prompt):
     """Prefill ``prompt`` [B, T] into ``cache``, then STEPS decode steps of argmax. Returns (tokens, logits)."""
-    logits, cache = call(state, prompt, cache)                          # [B, T, V]
+    logits, cache = call(state, prompt, cache)  # [B, T, V]
     all_logits, tokens = [np.asarray(logits)], []
     for _ in range(STEPS):
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]  # [B, 1]
@@ -59,14 +68,23 @@ def main(out_path):
 
     def ref_call(state, tokens, cache):
         return nnx.merge(graphdef, state)(tokens, kv_cache=cache)
-    ref_tokens, ref_logits = greedy(jax.jit(ref_call, donate_argnames="cache"), ref_state,
-                                    init_cache(CONFIG, B, MAX_LEN, jnp.float32), prompt)
 
-    prompts = [np.asarray(prompt)[i, :PROMPT - i].tolist() for i in range(B)]     # ragged prompts
-    engine_ref = [c.tokens for c in Engine(nnx.merge(graphdef, ref_state), max_length=MAX_LEN, chunk_size=16)
-                  .generate(prompts, max_new_tokens=STEPS)]
-    results = {"ref_tokens": ref_tokens.tolist(), "engine_ref_tokens": engine_ref,
-               "ref_scale": float(np.max(np.abs(ref_logits)))}
+    ref_tokens, ref_logits = greedy(
+        jax.jit(ref_call, donate_argnames="cache"), ref_state, init_cache(CONFIG, B, MAX_LEN, jnp.float32), prompt
+    )
+
+    prompts = [np.asarray(prompt)[i, : PROMPT - i].tolist() for i in range(B)]  # ragged prompts
+    engine_ref = [
+        c.tokens
+        for c in Engine(nnx.merge(graphdef, ref_state), max_length=MAX_LEN, chunk_size=16).generate(
+            prompts, max_new_tokens=STEPS
+        )
+    ]
+    results = {
+        "ref_tokens": ref_tokens.tolist(),
+        "engine_ref_tokens": engine_ref,
+        "ref_scale": float(np.max(np.abs(ref_logits))),
+    }
     for dims in MESHES:
         mesh = S.make_mesh(*dims)
         sh = S.state_shardings(ref_state, mesh)
@@ -74,8 +92,10 @@ def main(out_path):
         r = results["x".join(map(str, dims))] = {}
         if dims in BIRTH_MESHES:
             born = nnx.state(S.init_sharded(CONFIG, mesh, rngs_seed=0, param_dtype=jnp.float32))
-            r["init_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                                 for a, b in zip(jax.tree.leaves(born), jax.tree.leaves(ref_state)))
+            r["init_diff"] = max(
+                float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree.leaves(born), jax.tree.leaves(ref_state), strict=False)
+            )
         else:
             born = state
         cache_sh = S.cache_shardings(CONFIG, mesh, B, MAX_LEN)
@@ -91,10 +111,17 @@ def main(out_path):
         params = {}
         for path, arr in jax.tree_util.tree_leaves_with_path(born):
             per = max(s.data.nbytes for s in arr.addressable_shards)
-            params[jax.tree_util.keystr(path)] = {"fraction": per / arr.nbytes, "nbytes": arr.nbytes,
-                                                   "spec": str(arr.sharding.spec)}
-        r.update(logits_diff=float(np.max(np.abs(logits - ref_logits))), tokens=tokens.tolist(), params=params,
-                 cache_specs=cache_specs)
+            params[jax.tree_util.keystr(path)] = {
+                "fraction": per / arr.nbytes,
+                "nbytes": arr.nbytes,
+                "spec": str(arr.sharding.spec),
+            }
+        r.update(
+            logits_diff=float(np.max(np.abs(logits - ref_logits))),
+            tokens=tokens.tolist(),
+            params=params,
+            cache_specs=cache_specs,
+        )
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -24,8 +24,17 @@ from llama_jax import checkpoint  # noqa: E402
 from llama_jax import sharding as S  # noqa: E402
 from llama_jax.config import LlamaConfig  # noqa: E402
 
-CONFIG = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden_dim=128,
-                     max_seq_len=64, rope_theta=10000.0)
+CONFIG = LlamaConfig(
+    vocab_size=512,
+    dim=64,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=2,
+    head_dim=8,
+    hidden_dim=128,
+    max_seq_len=64,
+    rope_theta=10000.0,
+)
 
 
 class BufferSpy:
@@ -36,8 +45,10 @@ class BufferSpy:
         self.sizes, self._orig = [], {}
 
     def __enter__(self):
-        self._orig = {"device_put": jax.device_put,
-                      "make_array_from_single_device_arrays": jax.make_array_from_single_device_arrays}
+        self._orig = {
+            "device_put": jax.device_put,
+            "make_array_from_single_device_arrays": jax.make_array_from_single_device_arrays,
+        }
         spy = self
 
         def device_put(x, device=None, *args, **kwargs):
@@ -75,19 +86,32 @@ def main(ckpt, out_path):
         state = nnx.state(restored)
         want = S.state_shardings(state, mesh)
         params = {}
-        for (path, arr), sh in zip(jax.tree_util.tree_leaves_with_path(state),
-                                   jax.tree.leaves(want, is_leaf=lambda x: isinstance(x, nnx.Variable))):
+        for (path, arr), sh in zip(
+            jax.tree_util.tree_leaves_with_path(state),
+            jax.tree.leaves(want, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+            strict=False,
+        ):
             per = max(s.data.nbytes for s in arr.addressable_shards)
             params[jax.tree_util.keystr(path)] = {
-                "spec": str(arr.sharding.spec), "want": str(sh.get_value().spec), "nbytes": arr.nbytes,
-                "fraction": per / arr.nbytes, "devices": len(arr.sharding.device_set)}
+                "spec": str(arr.sharding.spec),
+                "want": str(sh.get_value().spec),
+                "nbytes": arr.nbytes,
+                "fraction": per / arr.nbytes,
+                "devices": len(arr.sharding.device_set),
+            }
         # Largest buffer any device holds among all live arrays, before anything is fetched to the host.
         largest = max(s.data.nbytes for a in jax.live_arrays() for s in a.addressable_shards)
-        diff = max(float(np.max(np.abs(np.asarray(a) - saved[jax.tree_util.keystr(p)])))
-                   for p, a in jax.tree_util.tree_leaves_with_path(state))
-        results["x".join(map(str, dims))] = {"params": params, "largest_live_buffer": largest, "diff": diff,
-                                             "restore_buffers": len(spy.sizes),
-                                             "largest_restore_buffer": max(spy.sizes, default=None)}
+        diff = max(
+            float(np.max(np.abs(np.asarray(a) - saved[jax.tree_util.keystr(p)])))
+            for p, a in jax.tree_util.tree_leaves_with_path(state)
+        )
+        results["x".join(map(str, dims))] = {
+            "params": params,
+            "largest_live_buffer": largest,
+            "diff": diff,
+            "restore_buffers": len(spy.sizes),
+            "largest_restore_buffer": max(spy.sizes, default=None),
+        }
         del restored, state
         gc.collect()
     with open(out_path, "w") as f:
