@@ -630,3 +630,46 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, damage, capsys):
     assert "checkpoint" in capsys.readouterr().err and (tmp_path / "ck" / "damaged" / "4").is_dir()
     steps = [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------------------------------------ weak: disks
+@pytest.fixture
+def small_mount(tmp_path):
+    """Mounts a 64 KiB tmpfs at tmp_path/"disk" (root only) and unmounts it afterwards; yields (path, remount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the full-disk and read-only rows need root")
+
+    def remount(opts):
+        subprocess.run(["mount", "-o", f"remount,{opts}", str(disk)], check=True, capture_output=True)
+
+    try:
+        yield disk, remount
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("disk_state", ["full", "read_only"])
+def test_generate_output_on_a_full_or_read_only_disk(tiny, tmp_path, small_mount, disk_state):
+    disk, remount = small_mount
+    if disk_state == "full":  # a filler takes every byte, so the first record cannot be written
+        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    else:
+        remount("ro")
+    before = _snapshot(tmp_path)
+    r = _generate(
+        f"--checkpoint={tiny}", "--prompt=hi", "--max_new_tokens=2", f"--output={disk}/out.jsonl", cwd=tmp_path
+    )
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert "--output" in r.stderr and "out.jsonl" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert _snapshot(tmp_path) == before, "files were created, changed or removed"
