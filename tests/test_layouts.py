@@ -21,6 +21,7 @@ from llama_jax import checkpoint, quant
 from llama_jax.engine import Engine, SamplingMode, decode_layout
 from llama_jax.model import WEIGHT_LAYOUTS, Llama
 from tests.conftest import REPO
+from tests.numerics import logits_tolerance
 from tests.reference import randomize, tiny_config
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -181,8 +182,16 @@ def test_smollm2_greedy_equals_naive_twin(smollm2_checkpoint, dtype):
         return checkpoint.load(smollm2_checkpoint, dtype=jnp.dtype(dtype))
 
     (a,) = Engine(load(), max_length=64).generate([prompt], max_new_tokens=10)
-    (b,) = Engine(load(), max_length=64, unstack=False, weight_layout="in_out").generate([prompt], max_new_tokens=10)
-    assert a.tokens == b.tokens
+    twin = Engine(load(), max_length=64, unstack=False, weight_layout="in_out")
+    (b,) = twin.generate([prompt], max_new_tokens=10)
+    if a.tokens != b.tokens:  # only at a near tie: closer than the two layouts' rounding can separate
+        step = next(i for i, (x, y) in enumerate(zip(a.tokens, b.tokens, strict=True)) if x != y)
+        logits = np.asarray(twin.model(jnp.asarray([prompt + b.tokens[:step]]))[0, -1], np.float32)
+        # bfloat16: the compute dtype's rounding (_tolerance); float32 / int8: float32 at SmolLM2's D 576, L 30
+        tie = 2 * (_tolerance(dtype, logits) if dtype == "bfloat16" else logits_tolerance(logits, 576, 30))
+        top = np.sort(logits)[-2:]
+        assert top[1] - top[0] <= tie, (step, a.tokens, b.tokens, top, tie)
+        assert logits[a.tokens[step]] >= top[1] - tie, "the layout's token is not one of the tied pair"
 
 
 def test_smollm2_int8_perplexity_within_one_percent_in_decode_layout(smollm2_checkpoint):
