@@ -217,9 +217,7 @@ def accept(logits, drafts, q, key, temperature, top_k, top_p, min_p, mode: Sampl
         n = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1).astype(jnp.int32)
         return target, n
     rep = lambda x: jnp.repeat(jnp.broadcast_to(jnp.asarray(x), (b,)), t)  # noqa: E731  [B] -> [B*(k+1)] (row-major)
-    f = _filtered(
-        logits.reshape(b * t, v), rep(temperature), rep(top_k), rep(top_p), rep(min_p), mode
-    )  # [B*(k+1), V]
+    f = _filtered(logits.reshape(b * t, v), rep(temperature), rep(top_k), rep(top_p), rep(min_p), mode)  # [B*(k+1), V]
     p = jax.nn.softmax(f, axis=-1).reshape(b, t, v)  # [B, k+1, V] target's filtered distributions
     if q is None:
         q = jax.nn.one_hot(drafts, v, dtype=jnp.float32)  # [B, k, V]
