@@ -35,7 +35,7 @@ def smol(smollm2_checkpoint):
     prompts = [fmt.encode_dialog_prompt([{"role": "user", "content": p}]) for p in texts]
     engine = Engine(checkpoint.load(smollm2_checkpoint), max_length=1024)
     plain = engine.generate(prompts, max_new_tokens=NEW)  # no stop ids: all NEW tokens
-    return engine, prompts, plain
+    return engine, prompts, plain, tokenizer
 
 
 def _check_identical(plain, spec):
@@ -47,7 +47,7 @@ def _check_identical(plain, spec):
 
 
 def test_prompt_lookup_greedy_identical_ragged_rows(smol):
-    engine, prompts, plain = smol
+    engine, prompts, plain, _ = smol
     spec = engine.generate(prompts, max_new_tokens=NEW, speculative="prompt_lookup", num_speculative=4, ngram=3)
     _check_identical(plain, spec)
     rates = [c.speculative["acceptance_rate"] for c in spec]
@@ -58,7 +58,7 @@ def test_prompt_lookup_greedy_identical_ragged_rows(smol):
 
 
 def test_first_layers_self_draft_greedy_identical(smol, smollm2_checkpoint):
-    engine, prompts, plain = smol
+    engine, prompts, plain, _ = smol
     draft = speculative.self_draft(smollm2_checkpoint, layers=10)
     assert draft.config.n_layers == 10
     spec = engine.generate(prompts, max_new_tokens=NEW, speculative="draft", draft=draft, num_speculative=3)
@@ -67,7 +67,7 @@ def test_first_layers_self_draft_greedy_identical(smol, smollm2_checkpoint):
 
 
 def test_int8_self_draft_greedy_identical_with_stops(smol, smollm2_checkpoint):
-    engine, prompts, plain = smol
+    engine, prompts, plain, _ = smol
     draft = speculative.self_draft(smollm2_checkpoint, quant="int8")
     spec = engine.generate(prompts, max_new_tokens=NEW, speculative="draft", draft=draft, num_speculative=4)
     _check_identical(plain, spec)
@@ -77,6 +77,22 @@ def test_int8_self_draft_greedy_identical_with_stops(smol, smollm2_checkpoint):
     ref = engine.generate(prompts[:1], max_new_tokens=NEW, stop_ids=[stop])[0]
     got = engine.generate(prompts[:1], max_new_tokens=NEW, stop_ids=[stop], speculative="draft", draft=draft)[0]
     assert got.tokens == ref.tokens and got.finish_reason == ref.finish_reason == "stop"
+
+
+def test_stop_strings_and_streaming_as_without_speculation(smol):
+    engine, prompts, plain, tokenizer = smol
+    text = tokenizer.decode(plain[3].tokens)
+    stop = text[len(text) // 3 :][:6]  # a stop string in the middle of the summary (accepted runs are long there)
+    kw = dict(max_new_tokens=NEW, stop_strings=[stop], tokenizer=tokenizer)
+    ref = engine.generate(prompts[3:], **kw)[0]
+    got = engine.generate(prompts[3:], speculative="prompt_lookup", **kw)[0]
+    assert (got.tokens, got.text, got.finish_reason) == (ref.tokens, ref.text, ref.finish_reason)
+    assert ref.finish_reason == "stop" and len(ref.tokens) < NEW
+    items = list(engine.generate(prompts[:2], max_new_tokens=NEW, speculative="prompt_lookup", stream=True))
+    final = items[-1]
+    for row in range(2):
+        streamed = [t for r, t, _ in items[:-1] if r == row]
+        assert streamed == final[row].tokens == plain[row].tokens
 
 
 # ------------------------------------------------------------------------------------------- sampling
