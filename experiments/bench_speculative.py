@@ -59,8 +59,8 @@ def main(argv):
     del argv
     from llama_jax import checkpoint, speculative
     from llama_jax.chat import chat_format_for
-    from llama_jax.engine import Engine
     from llama_jax.default_model import default_checkpoint
+    from llama_jax.engine import Engine
     from llama_jax.tokenizer import Tokenizer
 
     unknown = set(FLAGS.proposers) - {"plain", "prompt_lookup", "int8", "layers"}
