@@ -20,7 +20,10 @@ by the kill is dropped) and loses none. An ``--output`` holding anything but thi
 itself, or records made with other settings is refused and left untouched. A tqdm
 bar shows prompts and tokens/s; the throughput is printed at the end. Malformed prompt lines exit 1 naming
 ``file:line`` unless ``--on_bad_line=skip`` (reported and skipped). ``--quant=int8`` loads int8 weights
-(:mod:`llama_jax.quant`).
+(:mod:`llama_jax.quant`). ``--speculative=prompt_lookup|draft`` decodes speculatively (:mod:`llama_jax.speculative`:
+greedy tokens equal plain decoding's; ``--draft_checkpoint``, or a self-draft with ``--draft_quant=int8`` /
+``--draft_layers=N``; ``--num_speculative=K``, ``--ngram=N``); ``--json`` records then carry ``speculative``
+(proposed, accepted, rounds, acceptance_rate).
 
 Bad input (a missing checkpoint, an empty or too long prompt, out-of-range sampling flags) prints
 ``error: <flag or file>: <reason>`` and exits with status 1.
