@@ -113,7 +113,8 @@ def main(argv):
 
                 t_prefill, _ = timed(1)  # prefill (target and draft) + the first token
                 t_full, out = timed(FLAGS.new_tokens)
-                tokens_per_s.append((len(out[0].tokens) - 1) / max(t_full - t_prefill, 1e-9))
+                decode = t_full - t_prefill  # noise on a loaded machine can exceed a short decode: more --repeats
+                tokens_per_s.append((len(out[0].tokens) - 1) / decode if decode > 0 else float("nan"))
                 stats.append(out[0])
             if name == "plain":
                 reference = [c.tokens for c in stats]
