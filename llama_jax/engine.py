@@ -131,6 +131,8 @@ class Completion:
     logprobs: list[float]
     finish_reason: str
     text: str | None = None
+    #: speculative decoding only (:mod:`llama_jax.speculative`): proposed / accepted tokens, rounds, rate
+    speculative: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,11 +397,13 @@ class Engine:
         min_p=0.0,
         seed: int = 0,
         stop_ids: Sequence[int] = (),
+        extra_slots: int = 0,
     ) -> DecodeState:
         """Prefills the prompts and samples the first new token of each: the state the decode loop continues.
 
         Sampling settings are scalars or per-prompt sequences. ``batch_size`` pads the batch with dummy rows
-        (finished from the start) so that batches of different sizes share one compilation.
+        (finished from the start) so that batches of different sizes share one compilation. ``extra_slots``
+        cache slots beyond prompt + max_new_tokens are reserved (speculative decoding verifies k+1 tokens ahead).
         """
         n = len(prompts)
         if n == 0:
@@ -409,10 +413,11 @@ class Engine:
         sampling.validate_sampling(temperature, top_k, top_p, min_p)
         b = max(batch_size or n, n)
         longest = max(len(p) for p in prompts)
-        need = longest + max_new_tokens
+        need = longest + max_new_tokens + extra_slots
         if need > self.max_length:
+            extra = f" + {extra_slots} speculative slots" if extra_slots else ""
             raise ValueError(
-                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {need} exceeds "
+                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens}{extra} = {need} exceeds "
                 f"max_length {self.max_length} (the model's context is {self.config.max_seq_len})"
             )
         cache = self.new_cache(b, bucket_length(need, self.max_length))
@@ -644,6 +649,10 @@ class Engine:
         tokenizer=None,
         batch_size: int | None = None,
         stream: bool = False,
+        speculative: str | None = None,
+        draft=None,
+        num_speculative: int = 4,
+        ngram: int = 3,
     ):
         """Generates a continuation of every prompt (token id lists).
 
@@ -660,10 +669,36 @@ class Engine:
           stream: return an iterator of ``(row, token, logprob)`` tuples as tokens are produced, ending with
             the list of Completions (a host loop over the same step); otherwise return the list of
             Completions (a device loop).
+          speculative: None (plain decoding), "prompt_lookup" or "draft": speculative decoding
+            (:func:`llama_jax.speculative.generate`; ``batch_size`` is then unused), with ``draft`` (a Llama,
+            Engine or :class:`llama_jax.speculative.DraftModel` of the same vocabulary), ``num_speculative``
+            tokens proposed per round and the prompt-lookup ``ngram`` size. Completions carry acceptance stats.
 
         Raises:
-          ValueError: empty prompt, prompt too long, bad sampling settings, stop strings without tokenizer.
+          ValueError: empty prompt, prompt too long, bad sampling settings, stop strings without tokenizer;
+            with ``speculative`` also what :func:`llama_jax.speculative.generate` raises.
         """
+        if speculative is not None:
+            from llama_jax import speculative as spec
+
+            return spec.generate(
+                self,
+                prompts,
+                speculative=speculative,
+                draft=draft,
+                num_speculative=num_speculative,
+                ngram=ngram,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                seed=seed,
+                stop_ids=stop_ids,
+                stop_strings=stop_strings,
+                tokenizer=tokenizer,
+                stream=stream,
+            )
         stops = set(stop_ids)
         if tokenizer is not None:
             stops |= set(getattr(tokenizer, "stop_ids", ()))

@@ -20,7 +20,10 @@ by the kill is dropped) and loses none. An ``--output`` holding anything but thi
 itself, or records made with other settings is refused and left untouched. A tqdm
 bar shows prompts and tokens/s; the throughput is printed at the end. Malformed prompt lines exit 1 naming
 ``file:line`` unless ``--on_bad_line=skip`` (reported and skipped). ``--quant=int8`` loads int8 weights
-(:mod:`llama_jax.quant`).
+(:mod:`llama_jax.quant`). ``--speculative=prompt_lookup|draft`` decodes speculatively (:mod:`llama_jax.speculative`:
+greedy tokens equal plain decoding's; ``--draft_checkpoint``, or a self-draft with ``--draft_quant=int8`` /
+``--draft_layers=N``; ``--num_speculative=K``, ``--ngram=N``); ``--json`` records then carry ``speculative``
+(proposed, accepted, rounds, acceptance_rate).
 
 Bad input (a missing checkpoint, an empty or too long prompt, out-of-range sampling flags) prints
 ``error: <flag or file>: <reason>`` and exits with status 1.
@@ -83,6 +86,17 @@ flags.DEFINE_enum(
     "Weight quantization at load: int8 = weight-only int8 with per-output-channel scales (llama_jax.quant).",
 )
 flags.DEFINE_string("mesh", None, 'Device mesh, e.g. "data=1,fsdp=2,tensor=4" (default: one device).')
+flags.DEFINE_string(
+    "speculative",
+    None,
+    "Speculative decoding (llama_jax.speculative): prompt_lookup (n-gram match against the prompt and text so far) "
+    "or draft (a draft model: --draft_checkpoint, or a self-draft with --draft_quant / --draft_layers).",
+)
+flags.DEFINE_string("draft_checkpoint", None, "With --speculative=draft: draft checkpoint (same vocabulary).")
+flags.DEFINE_string("draft_quant", None, "With --speculative=draft: draft weights none|int8 (default none).")
+flags.DEFINE_integer("draft_layers", None, "With --speculative=draft: keep only the draft's first N layers.")
+flags.DEFINE_integer("num_speculative", 4, "With --speculative: tokens proposed per verify step (k >= 1).")
+flags.DEFINE_integer("ngram", 3, "With --speculative=prompt_lookup: longest n-gram matched (>= 1).")
 
 from llama_jax.default_model import DEFAULT_MODEL_DIR, cache_root, default_checkpoint  # noqa: E402,F401
 
@@ -244,6 +258,7 @@ def _validate_flags():
             raise UsageError(f"--output: {out}: directory {parent} does not exist")
         if not os.access(out if os.path.exists(out) else parent, os.W_OK):
             raise UsageError(f"--output: {out}: not writable")
+    _validate_speculative_flags()
 
 
 def run_generation() -> int:
@@ -313,7 +328,7 @@ def run_generation() -> int:
     max_length = (
         model.config.max_seq_len if FLAGS.max_length is None else min(FLAGS.max_length, model.config.max_seq_len)
     )
-    room = max_length - FLAGS.max_new_tokens
+    room = max_length - FLAGS.max_new_tokens - (FLAGS.num_speculative + 1 if FLAGS.speculative else 0)
     if room < 1 and not FLAGS.truncate:
         raise UsageError(
             f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a prompt in --max_length={max_length}"
@@ -346,6 +361,8 @@ def run_generation() -> int:
     )
     fmt = chat_lib.chat_format_for(tokenizer)
     stream_text = not FLAGS.json and len(token_prompts) == 1
+    if FLAGS.speculative:
+        settings.update(_speculative_settings(path, model))
     for start in range(0, len(token_prompts), FLAGS.batch_size):
         batch = token_prompts[start : start + FLAGS.batch_size]
         seed = FLAGS.seed + start
@@ -367,6 +384,8 @@ def run_generation() -> int:
                 }
                 if tools is not None:
                     record["tool_calls"] = [t.to_dict() for t in fmt.parse_output(c.text).tool_calls]
+                if getattr(c, "speculative", None) is not None:
+                    record["speculative"] = c.speculative
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             elif not stream_text:
                 print(f"--- prompt {start + j}: {prompt if isinstance(prompt, str) else '(dialog)'}")
@@ -549,6 +568,74 @@ def _write_records(engine, out, todo, token_prompts, prompts, ids, tokenizer, to
             bar.update(1)
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}")
     return generated
+
+
+def _validate_speculative_flags():
+    """Refuses bad --speculative / --draft_* / --num_speculative / --ngram values (named) before loading."""
+    from llama_jax import quant, speculative
+
+    spec = FLAGS.speculative
+    if spec is None:
+        for name in ("draft_checkpoint", "draft_quant", "draft_layers"):
+            if getattr(FLAGS, name) is not None:
+                raise UsageError(f"--{name} needs --speculative=draft")
+        return
+    if spec not in speculative.SPECULATIVE_MODES:
+        raise UsageError(f"--speculative must be one of {', '.join(speculative.SPECULATIVE_MODES)}, got {spec!r}")
+    if FLAGS.num_speculative < 1:
+        raise UsageError(f"--num_speculative must be >= 1, got {FLAGS.num_speculative}")
+    if FLAGS.ngram < 1:
+        raise UsageError(f"--ngram must be >= 1, got {FLAGS.ngram}")
+    if FLAGS.output:
+        raise UsageError("--speculative is not supported with --output (continuous batching) yet")
+    if spec == "prompt_lookup":
+        for name in ("draft_checkpoint", "draft_quant", "draft_layers"):
+            if getattr(FLAGS, name) is not None:
+                raise UsageError(f"--{name} needs --speculative=draft, not prompt_lookup")
+        return
+    if FLAGS.draft_quant is not None and FLAGS.draft_quant not in quant.QUANT_MODES:
+        raise UsageError(f"--draft_quant must be one of {', '.join(quant.QUANT_MODES)}, got {FLAGS.draft_quant!r}")
+    if FLAGS.draft_layers is not None and FLAGS.draft_layers < 1:
+        raise UsageError(f"--draft_layers must be >= 1, got {FLAGS.draft_layers}")
+    if FLAGS.draft_checkpoint is None and FLAGS.draft_quant is None and FLAGS.draft_layers is None:
+        raise UsageError(
+            "--speculative=draft needs --draft_checkpoint=DIR, or a self-draft of --checkpoint with "
+            "--draft_quant=int8 and/or --draft_layers=N"
+        )
+    if FLAGS.draft_checkpoint is not None and not os.path.isdir(FLAGS.draft_checkpoint):
+        raise UsageError(f"--draft_checkpoint: {FLAGS.draft_checkpoint}: no such directory")
+
+
+def _speculative_settings(path: str, model) -> dict:
+    """Engine.generate keywords for --speculative (loads the draft model; errors name the flag)."""
+    import jax.numpy as jnp
+
+    from llama_jax import checkpoint, speculative
+
+    out = dict(speculative=FLAGS.speculative, num_speculative=FLAGS.num_speculative, ngram=FLAGS.ngram)
+    if FLAGS.speculative != "draft":
+        return out
+    source = FLAGS.draft_checkpoint or path
+    flag = "--draft_checkpoint" if FLAGS.draft_checkpoint else "--checkpoint"
+    try:
+        checkpoint.check_arrays(source)
+        draft = speculative.self_draft(
+            source, quant=FLAGS.draft_quant or "none", dtype=FLAGS.dtype and jnp.dtype(FLAGS.dtype)
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"{flag}: {e}") from None
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise UsageError(
+            f"--draft_checkpoint: {source}: vocabulary of {draft.config.vocab_size} tokens differs from the "
+            f"target's {model.config.vocab_size} (a draft must share the target's tokenizer)"
+        )
+    if FLAGS.draft_layers is not None:
+        try:
+            draft = speculative.first_layers(draft, FLAGS.draft_layers)
+        except ValueError as e:
+            raise UsageError(f"--draft_layers: {e}") from None
+    out["draft"] = draft
+    return out
 
 
 def _stream_to_terminal(engine, batch, **settings):

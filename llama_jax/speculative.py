@@ -1,0 +1,425 @@
+"""Speculative decoding: a cheap proposer guesses k tokens, the target model checks them in one cached pass.
+
+Sources: Leviathan, Kalman & Matias, "Fast Inference from Transformers via Speculative Decoding"
+(arXiv:2211.17192, algorithm 1 and section 3.5); Chen et al., "Accelerating Large Language Model Decoding with
+Speculative Sampling" (arXiv:2302.01318, algorithm 2); prompt lookup decoding (Saxena 2023, n-gram matching
+against the input, as in transformers' ``prompt_lookup_num_tokens``).
+
+One round, for every row b of the batch (B rows, k proposed tokens, V vocabulary entries):
+
+1. **Propose** k tokens d_1..d_k after the row's last token x (and, for a draft model, the draft's filtered
+   distributions q_1..q_k [V]). Proposers: :class:`PromptLookup` (host-side n-gram match, deterministic:
+   q_i is one-hot) and :class:`DraftModel` (another Llama with the same vocabulary: a smaller model, the same
+   checkpoint with int8 weights, or its first N layers, :func:`first_layers`).
+2. **Verify** (one jitted target forward of the T = k+1 tokens [x, d_1..d_k] at positions len..len+k over the
+   KV cache; :mod:`llama_jax.attention` lets each query read only slots <= its own position, so this is
+   exactly k+1 decode steps' logits). p_i = the target's distribution after the sampling filters
+   (:func:`llama_jax.sampling.filter_logits`: temperature, top-k, top-p, min-p), applied to q as well.
+3. **Accept**. Greedy rows: the longest prefix with d_i = argmax p_i, then argmax at the first mismatch (the
+   correction) or after d_k (the bonus): the tokens plain greedy decoding gives. Sampling rows: d_i is accepted
+   with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection a token is drawn from
+   norm(max(0, p_i - q_i)), after k acceptances the bonus from p_{k+1}: every emitted token is distributed
+   exactly as the target's filtered distribution (arXiv:2211.17192 appendix A.1).
+4. **Roll back** by length only: the cache row's length becomes len + 1 + accepted; the K/V written for
+   rejected tokens stay in their slots, masked by position and overwritten next round (:mod:`llama_jax.kv_cache`).
+   Rows accept different numbers of tokens; finished rows keep their length.
+
+Stop ids, stop strings, ``max_new_tokens`` and log-probabilities (of the unfiltered target distribution) behave
+as in :meth:`llama_jax.engine.Engine.generate`; a round's tokens are emitted one by one through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax import sampling
+from llama_jax.engine import Completion, Engine, SamplingMode, _completion
+from llama_jax.model import Llama
+
+__all__ = [
+    "PromptLookup",
+    "DraftModel",
+    "first_layers",
+    "self_draft",
+    "accept",
+    "generate",
+    "SPECULATIVE_MODES",
+]
+
+SPECULATIVE_MODES = ("prompt_lookup", "draft")
+
+
+# ------------------------------------------------------------------------------------------- proposers
+@dataclasses.dataclass(frozen=True)
+class PromptLookup:
+    """Prompt lookup: proposes the k tokens that followed the most recent earlier occurrence of the last n tokens
+    of prompt + generated text (n = ``ngram`` down to 1, the longest n that matches wins). No second model.
+
+    Raises ValueError for ``ngram`` or ``num_speculative`` < 1 (named).
+    """
+
+    ngram: int = 3
+    num_speculative: int = 4
+
+    def __post_init__(self):
+        if self.ngram < 1:
+            raise ValueError(f"ngram must be >= 1, got {self.ngram}")
+        if self.num_speculative < 1:
+            raise ValueError(f"num_speculative must be >= 1, got {self.num_speculative}")
+
+    def propose(self, seq: Sequence[int]) -> tuple[list[int], int]:
+        """k proposed tokens after ``seq`` (token ids), and how many of them come from a match (the rest repeat
+        the last token: a fixed-shape filler the target verifies like any other guess)."""
+        k = self.num_speculative
+        arr = np.asarray(seq, np.int64)
+        for n in range(min(self.ngram, len(arr) - 1), 0, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # [len-n, n]: arr[j:j+n], j+n < len
+            hits = np.nonzero((windows == arr[-n:]).all(axis=1))[0]
+            if hits.size:
+                j = int(hits[-1]) + n
+                cont = arr[j : j + k].tolist()
+                return cont + [int(arr[-1])] * (k - len(cont)), len(cont)
+        return [int(arr[-1])] * k, 0
+
+
+class DraftModel:
+    """A draft Llama proposing k tokens by decoding k steps from its own KV cache.
+
+    Args:
+      model: a :class:`llama_jax.Llama` with the target's vocabulary (a smaller Llama, :func:`self_draft`).
+      num_speculative: k >= 1.
+
+    The draft gets its own :class:`llama_jax.engine.Engine` (made on first use against a target, with the
+    target's ``max_length`` and ``chunk_size``). Raises ValueError for k < 1.
+    """
+
+    def __init__(self, model: Llama | Engine, num_speculative: int = 4):
+        if num_speculative < 1:
+            raise ValueError(f"num_speculative must be >= 1, got {num_speculative}")
+        self.model = model.model if isinstance(model, Engine) else model
+        self._engine = model if isinstance(model, Engine) else None
+        self.num_speculative = num_speculative
+        self._propose = None
+
+    def check(self, target: Engine) -> None:
+        """Raises ValueError unless the draft's vocabulary size equals the target's."""
+        dv, tv = self.model.config.vocab_size, target.config.vocab_size
+        if dv != tv:
+            raise ValueError(
+                f"draft model vocabulary ({dv} tokens) differs from the target's ({tv} tokens): "
+                "a draft must share the target's tokenizer"
+            )
+
+    def engine(self, target: Engine) -> Engine:
+        self.check(target)
+        if self._engine is None or self._engine.max_length < target.max_length:
+            self._engine = Engine(self.model, max_length=target.max_length, chunk_size=target.chunk_size)
+            self._propose = None
+        if self._propose is None:
+            self._propose = jax.jit(
+                partial(_draft_propose, self._engine.graphdef),
+                donate_argnames=("cache",),
+                static_argnames=("mode", "k"),
+            )
+        return self._engine
+
+    def propose(self, cache, last_token, key, settings, mode: SamplingMode, k: int | None = None):
+        """(cache, tokens int32 [B, k], q float32 [B, k, V] or None when greedy) from the draft's cache
+        (k defaults to ``num_speculative``)."""
+        k = k or self.num_speculative
+        return self._propose(self._engine.params, cache, last_token, key, *settings, mode=mode, k=k)
+
+
+def _filtered(logits, temperature, top_k, top_p, min_p, mode: SamplingMode):
+    """filter_logits with the filters of ``mode`` only (static, as the engine's _emit)."""
+    return sampling.filter_logits(
+        logits,
+        temperature=temperature,
+        top_k=top_k if mode.top_k else 0,
+        top_p=top_p if mode.top_p else 1.0,
+        min_p=min_p if mode.min_p else 0.0,
+    )
+
+
+def _draft_propose(graphdef, params, cache, last_token, key, temperature, top_k, top_p, min_p, *, mode, k):
+    """k+1 draft decode steps from [x]: proposals d_1..d_k and their filtered distributions q [B, k, V]. The
+    (k+1)-th step only writes d_k's K/V (so a fully accepted round leaves the draft cache complete)."""
+    model = nnx.merge(graphdef, params)
+    b = last_token.shape[0]
+    v = model.config.vocab_size
+    drafts = jnp.zeros((b, k + 1), jnp.int32)
+    qs = None if mode.greedy else jnp.zeros((b, k + 1, v), jnp.float32)
+
+    def body(i, carry):
+        cache, tok, drafts, qs, key = carry
+        logits, cache = model(tok[:, None], kv_cache=cache)
+        logits = logits[:, 0]  # [B, V]
+        if mode.greedy:
+            nxt = sampling.greedy(logits)
+        else:
+            key, sub = jax.random.split(key)
+            f = _filtered(logits, temperature, top_k, top_p, min_p, mode)
+            nxt = jax.random.categorical(sub, f, axis=-1).astype(jnp.int32)
+            nxt = jnp.where(temperature <= 0, sampling.greedy(logits), nxt)
+            qs = jax.lax.dynamic_update_index_in_dim(qs, jax.nn.softmax(f, axis=-1), i, 1)
+        drafts = jax.lax.dynamic_update_index_in_dim(drafts, nxt, i, 1)
+        return cache, nxt, drafts, qs, key
+
+    cache, _, drafts, qs, _ = jax.lax.fori_loop(0, k + 1, body, (cache, last_token, drafts, qs, key))
+    return cache, drafts[:, :k], None if qs is None else qs[:, :k]
+
+
+def first_layers(model: Llama, n: int) -> Llama:
+    """A self-draft: ``model`` cut to its first ``n`` decoder layers (same embeddings, final norm and head).
+    ``model`` itself becomes that draft (load a second copy for it). Raises ValueError unless 1 <= n < L."""
+    layers = model.config.n_layers
+    if not 1 <= n < layers:
+        raise ValueError(f"draft_layers must be in [1, {layers - 1}] (the model has {layers} layers), got {n}")
+    model.unstack_layers()
+    model.layers = nnx.List(list(model.layers)[:n])
+    model.config = dataclasses.replace(model.config, n_layers=n)
+    return model
+
+
+def self_draft(checkpoint: str, *, quant: str = "none", layers: int | None = None, dtype=None) -> Llama:
+    """Loads ``checkpoint`` again as a draft for itself: with int8 weights (``quant="int8"``) and/or only its
+    first ``layers`` decoder layers. Raises ValueError as :func:`llama_jax.quant.load` / :func:`first_layers`."""
+    from llama_jax import quant as q
+
+    model = q.load(checkpoint, quant=quant, dtype=dtype)
+    return model if layers is None else first_layers(model, layers)
+
+
+# ------------------------------------------------------------------------------------------- verify + accept
+def accept(logits, drafts, q, key, temperature, top_k, top_p, min_p, mode: SamplingMode):
+    """The acceptance rule on the target's logits [B, k+1, V] for proposals ``drafts`` int32 [B, k].
+
+    ``q``: float32 [B, k, V] the proposer's (filtered) distributions, or None for a deterministic proposer
+    (one-hot at the proposal). Sampling settings are [B] arrays; ``mode`` is static (all-greedy: no random
+    numbers, argmax comparisons only).
+
+    Returns (tokens int32 [B, k+1], accepted int32 [B]): tokens[:, :n] = the accepted proposals and
+    tokens[:, n] = the correction (first rejection) or bonus (n = k) token, n = accepted; later entries are junk.
+    Source: arXiv:2211.17192 algorithm 1; arXiv:2302.01318 algorithm 2.
+    """
+    b, t, v = logits.shape
+    k = t - 1
+    rows = jnp.arange(b)
+    if mode.greedy:
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+        n = jnp.sum(jnp.cumprod(drafts == target[:, :k], axis=1), axis=1).astype(jnp.int32)
+        return target, n
+    rep = lambda x: jnp.repeat(jnp.broadcast_to(jnp.asarray(x), (b,)), t)  # noqa: E731  [B] -> [B*(k+1)] (row-major)
+    f = _filtered(logits.reshape(b * t, v), rep(temperature), rep(top_k), rep(top_p), rep(min_p), mode)  # [B*(k+1), V]
+    p = jax.nn.softmax(f, axis=-1).reshape(b, t, v)  # [B, k+1, V] target's filtered distributions
+    if q is None:
+        q = jax.nn.one_hot(drafts, v, dtype=jnp.float32)  # [B, k, V]
+    p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, k]
+    q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]  # [B, k]
+    k_u, k_r = jax.random.split(key)
+    u = jax.random.uniform(k_u, (b, k), jnp.float32)  # [0, 1)
+    ok = u * q_d < p_d  # P(ok) = min(1, p/q)
+    n = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)  # [B]
+    q_ext = jnp.concatenate([q, jnp.zeros((b, 1, v), jnp.float32)], axis=1)  # [B, k+1, V]: q = 0 after d_k
+    p_n, q_n = p[rows, n], q_ext[rows, n]  # [B, V]
+    residual = jnp.maximum(p_n - q_n, 0.0)
+    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_n)  # p == q: never rejected
+    fix = jax.random.categorical(k_r, jnp.log(residual), axis=-1).astype(jnp.int32)  # [B]
+    tokens = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1).at[rows, n].set(fix)
+    return tokens, n
+
+
+def _verify(graphdef, params, cache, last_token, drafts, q, done, key, temperature, top_k, top_p, min_p, *, mode):
+    """Target forward of [x, d_1..d_k] over the cache, acceptance, rollback by length.
+
+    Returns (cache, tokens int32 [B, k+1], logprobs float32 [B, k+1] (unfiltered target), accepted int32 [B])."""
+    model = nnx.merge(graphdef, params)
+    old = cache.lengths
+    seq = jnp.concatenate([last_token[:, None], drafts], axis=1)  # [B, k+1]
+    logits, cache = model(seq, kv_cache=cache)  # [B, k+1, V] at positions len..len+k
+    tokens, n = accept(logits, drafts, q, key, temperature, top_k, top_p, min_p, mode)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    logprobs = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]  # [B, k+1]
+    lengths = jnp.where(done, old, old + 1 + n)  # rollback: rejected slots are beyond the length
+    return cache.replace(lengths=lengths), tokens, logprobs, n
+
+
+# ------------------------------------------------------------------------------------------- generation
+def _draft_for(engine: Engine, model) -> DraftModel:
+    """The DraftModel for a Llama / Engine, kept on the target engine so its compilations are reused."""
+    drafts = engine.__dict__.setdefault("_speculative_drafts", {})
+    if id(model) not in drafts:
+        drafts[id(model)] = (model, DraftModel(model))  # the model is held so its id stays unique
+    return drafts[id(model)][1]
+
+
+def _verifier(engine: Engine):
+    fn = getattr(engine, "_speculative_verify", None)
+    if fn is None:
+        fn = jax.jit(partial(_verify, engine.graphdef), donate_argnames=("cache",), static_argnames=("mode",))
+        engine._speculative_verify = fn
+    return fn
+
+
+def generate(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    *,
+    speculative: str = "prompt_lookup",
+    draft: DraftModel | Llama | Engine | None = None,
+    num_speculative: int = 4,
+    ngram: int = 3,
+    max_new_tokens: int = 256,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    seed: int = 0,
+    stop_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    stream: bool = False,
+):
+    """Speculative generation with ``engine``'s model as the target; arguments as :meth:`Engine.generate`.
+
+    Args:
+      speculative: "prompt_lookup" (:class:`PromptLookup` with ``ngram``) or "draft" (``draft``: a
+        :class:`DraftModel`, a Llama or an Engine with the target's vocabulary).
+      num_speculative: k, tokens proposed per round (>= 1).
+
+    Returns the list of :class:`llama_jax.engine.Completion` (one per prompt, ``speculative`` holding the row's
+    ``{"proposed", "accepted", "rounds", "acceptance_rate"}``), or with ``stream=True`` an iterator of
+    ``(row, token, logprob)`` ending with that list. Greedy tokens equal plain greedy decoding's; sampled
+    tokens follow the same distribution (not the same draws).
+
+    Raises ValueError: unknown ``speculative``, missing draft, another vocabulary, k or ngram < 1, and what
+    :meth:`Engine.generate` raises.
+    """
+    if speculative not in SPECULATIVE_MODES:
+        raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {speculative!r}")
+    if num_speculative < 1:
+        raise ValueError(f"num_speculative must be >= 1, got {num_speculative}")
+    lookup = None
+    if speculative == "prompt_lookup":
+        lookup = PromptLookup(ngram=ngram, num_speculative=num_speculative)
+    else:
+        if draft is None:
+            raise ValueError('speculative="draft" needs a draft model (draft=...)')
+        if not isinstance(draft, DraftModel):
+            draft = _draft_for(engine, draft)
+        draft.check(engine)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs a tokenizer")
+    stops = set(stop_ids)
+    if tokenizer is not None:
+        stops |= set(getattr(tokenizer, "stop_ids", ()))
+    it = _run(
+        engine, prompts, lookup, draft, num_speculative, max_new_tokens, (temperature, top_k, top_p, min_p), seed,
+        sorted(stops), stop_strings, tokenizer,
+    )  # fmt: skip
+    if stream:
+        return it
+    out = None
+    for item in it:
+        out = item
+    return out
+
+
+def _run(engine, prompts, lookup, draft, k, max_new_tokens, settings, seed, stops, stop_strings, tokenizer) -> Iterator:
+    n = len(prompts)
+    ds = engine.start(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=settings[0],
+        top_k=settings[1],
+        top_p=settings[2],
+        min_p=settings[3],
+        seed=seed,
+        stop_ids=stops,
+        extra_slots=k + 1,
+    )
+    mode = engine.mode(ds)
+    row_settings = (ds.temperature, ds.top_k, ds.top_p, ds.min_p)
+    cache, key = ds.cache, ds.key
+    stop_set = set(stops)
+    first = np.asarray(ds.tokens[:, 0])
+    first_lp = np.asarray(ds.logprobs[:, 0])
+    toks = [[int(first[r])] for r in range(n)]
+    lps = [[float(first_lp[r])] for r in range(n)]
+    done = np.asarray(ds.done)[:n].copy()
+    proposed = np.zeros(n, np.int64)
+    accepted = np.zeros(n, np.int64)
+    rounds = np.zeros(n, np.int64)
+    del ds
+
+    def finished(r) -> bool:
+        if toks[r][-1] in stop_set or len(toks[r]) >= max_new_tokens:
+            return True
+        if stop_strings:
+            text = tokenizer.decode(toks[r])
+            return any(s in text for s in stop_strings)
+        return False
+
+    for r in range(n):
+        yield r, toks[r][0], lps[r][0]
+        done[r] = done[r] or finished(r)
+
+    if draft is not None:
+        d_engine = draft.engine(engine)
+        d_cache = d_engine.new_cache(n, cache.max_length)
+        d_cache, _ = d_engine.prefill(prompts, d_cache)
+    verify = _verifier(engine)
+    while not done.all():
+        last = jnp.asarray(np.asarray([t[-1] for t in toks], np.int32))
+        key, k_draft, k_accept = jax.random.split(key, 3)
+        if draft is not None:
+            d_cache, drafts, q = draft.propose(d_cache, last, k_draft, row_settings, mode, k)
+        else:
+            q = None
+            drafts = np.zeros((n, k), np.int32)
+            for r in range(n):
+                if not done[r]:
+                    drafts[r] = lookup.propose(list(prompts[r]) + toks[r])[0]
+            drafts = jnp.asarray(drafts)
+        cache, out, out_lp, acc = verify(
+            engine.params, cache, last, drafts, q, jnp.asarray(done), k_accept, *row_settings, mode=mode
+        )
+        if draft is not None:
+            d_cache = d_cache.replace(lengths=jnp.copy(cache.lengths))  # its own buffer: both caches are donated
+        out, out_lp, acc = np.asarray(out), np.asarray(out_lp), np.asarray(acc)
+        for r in np.nonzero(~done)[0]:
+            rounds[r] += 1
+            proposed[r] += k
+            accepted[r] += acc[r]
+            for j in range(acc[r] + 1):
+                toks[r].append(int(out[r, j]))
+                lps[r].append(float(out_lp[r, j]))
+                yield int(r), int(out[r, j]), float(out_lp[r, j])
+                if finished(r):
+                    done[r] = True
+                    break
+    results = []
+    for r in range(n):
+        c = _completion(prompts[r], toks[r], lps[r], stop_set, stop_strings, tokenizer)
+        c.speculative = {
+            "proposed": int(proposed[r]),
+            "accepted": int(accepted[r]),
+            "rounds": int(rounds[r]),
+            "acceptance_rate": float(accepted[r] / proposed[r]) if proposed[r] else 0.0,
+        }
+        results.append(c)
+    yield results
+
+
+def acceptance_rate(completions: Sequence[Completion]) -> float:
+    """Accepted / proposed tokens over ``completions`` from :func:`generate` (0 when nothing was proposed)."""
+    prop = sum(c.speculative["proposed"] for c in completions if c.speculative)
+    acc = sum(c.speculative["accepted"] for c in completions if c.speculative)
+    return acc / prop if prop else 0.0
