@@ -3,9 +3,11 @@ repository root, after the README's own conversion command has made ``ckpt/``), 
 that finishes in under a minute, in README order. Commands that need downloads, install packages or take minutes
 are listed in SLOW_OR_EXTERNAL with the reason (and the test that covers them)."""
 
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -75,9 +77,55 @@ def test_readme_has_blocks():
     assert any(c.startswith("python -m llama_jax.generate --chat") for c in COMMANDS)
 
 
+SERVER = "127.0.0.1:8000"  # where the README's serving examples expect `python -m llama_jax.serve`
+
+
+@pytest.fixture(scope="module")
+def readme_server(workdir):
+    """The README's `python -m llama_jax.serve` (default model), on a free loopback port instead of 8000."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(workdir / f"serve_{port}.log", "w+")
+    cmd = [sys.executable, "-m", "llama_jax.serve", f"--port={port}", "--max_batch=2", "--max_length=512"]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 900
+        while True:
+            assert proc.poll() is None, f"server exited {proc.returncode}: {open(log.name).read()[-3000:]}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_serving_curl_example_answers(readme_server):
+    text = open(README, encoding="utf-8").read()
+    (bash,) = [b for b in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M) if "curl" in b and SERVER in b]
+    curl = re.sub(r"\\\n\s*", " ", bash[bash.index("curl") :]).replace(SERVER, readme_server)
+    proc = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in json.loads(proc.stdout)["choices"][0]["message"]["content"], proc.stdout
+
+
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
-def test_python_block_runs_as_written(index, workdir):
+def test_python_block_runs_as_written(index, workdir, request):
     code = PYTHON_BLOCKS[index]
+    if SERVER in code:  # the serving examples talk to the README's server
+        code = code.replace(SERVER, request.getfixturevalue("readme_server"))
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=900
     )
