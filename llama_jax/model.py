@@ -510,11 +510,11 @@ class Llama(nnx.Module):
         flat = list(nnx.to_flat_state(state))
         del state
         per_layer = [[] for _ in range(n)]
-        for path, var in flat:
-            value = var.get_value()
-            var.set_value(None)
-            slices = _split_layers(value, n)
-            del value
+        for k in range(len(flat)):
+            # drop our reference to each stacked Variable as we go (never set it to None: a caller's nnx.State
+            # may share it, as after nnx.merge(graphdef, state))
+            (path, var), flat[k] = flat[k], None
+            slices = _split_layers(var.get_value(), n)
             meta = var.get_metadata()
             axes = meta.get("out_sharding")
             for i in range(n):
@@ -522,7 +522,7 @@ class Llama(nnx.Module):
                 if axes:
                     new.set_metadata("out_sharding", tuple(axes[1:]))
                 per_layer[i].append((path, new))
-            del slices
+            del slices, var
         self.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state(items)) for items in per_layer])
 
     def stack_layers(self) -> None:
@@ -536,8 +536,8 @@ class Llama(nnx.Module):
         stacked = {}
         for j, (path, var) in enumerate(flats[0]):
             values = [flat[j][1].get_value() for flat in flats]
-            for flat in flats:
-                flat[j][1].set_value(None)
+            for flat in flats:  # drop our references (a caller's state may share the Variables: never None them)
+                flat[j] = None
             new = var.replace(jax.tree.map(lambda *a: jnp.stack(a), *values))
             del values
             axes = var.get_metadata().get("out_sharding")
