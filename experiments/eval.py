@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from llama_jax.logs import quiet_unless_verbose
+from llama_jax.logs import exit_now, quiet_unless_verbose, stderr_held
 
 FLAGS = flags.FLAGS
 
@@ -241,19 +241,18 @@ def load_model(checkpoint_path: str | None, quant: str = "none", dtype=None):
         raise UsageError(f"--checkpoint: {path}: no tokenizer/ directory in the checkpoint")
     try:
         checkpoint.check_arrays(path)  # a missing chunk named before Orbax reads in threads
-        model = quant_lib.load(path, quant=quant, dtype=dtype and jnp.dtype(dtype))
+        with stderr_held():  # a damaged array: Orbax's failing reader threads stay off the terminal
+            try:
+                model = quant_lib.load(path, quant=quant, dtype=dtype and jnp.dtype(dtype))
+            except (FileNotFoundError, ValueError):
+                raise
+            except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
+                while e.__cause__ is not None:
+                    e = e.__cause__
+                exit_now(f"error: --checkpoint: {path}: damaged parameter array ({str(e).splitlines()[0][:300]})", 1)
         tokenizer = Tokenizer.from_file(tok_dir)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--checkpoint: {e}") from None
-    except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
-        while e.__cause__ is not None:
-            e = e.__cause__
-        print(
-            f"error: --checkpoint: {path}: damaged parameter array ({str(e).splitlines()[0][:300]})",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)  # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
     return model, tokenizer
 
 

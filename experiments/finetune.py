@@ -242,7 +242,7 @@ def main(argv):
 
     from llama_jax import checkpoint, data, train
     from llama_jax import sharding as sharding_lib
-    from llama_jax.logs import quiet_unless_verbose
+    from llama_jax.logs import exit_now, quiet_unless_verbose, stderr_held
     from llama_jax.tokenizer import Tokenizer
 
     quiet_unless_verbose()  # progress bars and results only, unless --verbosity
@@ -299,18 +299,19 @@ def main(argv):
         ckpt_dir = _gguf_to_checkpoint(gguf, os.path.join(workdir, "base"))
     try:
         checkpoint.check_arrays(ckpt_dir)
-        model = checkpoint.load(ckpt_dir, dtype=jnp.float32)
+        with stderr_held():  # a damaged array: Orbax's failing reader threads stay off the terminal
+            try:
+                model = checkpoint.load(ckpt_dir, dtype=jnp.float32)
+            except (ValueError, OSError):
+                raise
+            except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
+                while e.__cause__ is not None:  # the innermost error names the file (TensorStore)
+                    e = e.__cause__
+                exit_now(
+                    f"error: --checkpoint: {ckpt_dir}: damaged parameter array ({str(e).splitlines()[0][:300]})", 2
+                )
     except (ValueError, OSError) as e:
         _fail(f"--checkpoint: {e}")
-    except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a truncated chunk)
-        while e.__cause__ is not None:  # the innermost error names the file (TensorStore)
-            e = e.__cause__
-        print(
-            f"error: --checkpoint: {ckpt_dir}: damaged parameter array ({str(e).splitlines()[0][:300]})",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(2)  # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
     if mesh is not None:
         try:
             sharding_lib.validate(model.config, mesh)

@@ -39,7 +39,7 @@ from typing import Any
 
 from absl import app, flags
 
-from llama_jax.logs import quiet_unless_verbose
+from llama_jax.logs import exit_now, quiet_unless_verbose, stderr_held
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "llama-jax (Orbax) checkpoint directory; default: SmolLM2-135M-Instruct.")
@@ -316,13 +316,17 @@ def run_generation() -> int:
         from llama_jax import quant
 
         checkpoint.check_arrays(path)
-        model = quant.load(path, quant=FLAGS.quant, dtype=FLAGS.dtype and jnp.dtype(FLAGS.dtype), mesh=mesh)
+        with stderr_held():  # a damaged array: Orbax's failing reader threads stay off the terminal
+            try:
+                model = quant.load(path, quant=FLAGS.quant, dtype=FLAGS.dtype and jnp.dtype(FLAGS.dtype), mesh=mesh)
+            except (FileNotFoundError, ValueError) as e:
+                if "tensorstore" in str(e).lower() or e.__cause__ is not None:
+                    exit_now(f"error: --checkpoint: {path}: damaged parameter array ({root_cause(e)})", 1)
+                raise
+            except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a missing/truncated chunk)
+                exit_now(f"error: --checkpoint: {path}: damaged parameter array ({root_cause(e)})", 1)
     except (FileNotFoundError, ValueError) as e:
-        if "tensorstore" in str(e).lower() or e.__cause__ is not None:
-            raise DamagedCheckpointError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
         raise UsageError(f"--checkpoint: {e}") from None
-    except Exception as e:  # noqa: BLE001 - Orbax wraps TensorStore read errors (a missing or truncated chunk)
-        raise DamagedCheckpointError(f"--checkpoint: {path}: damaged parameter array ({root_cause(e)})") from None
     if FLAGS.top_k > model.config.vocab_size:
         raise UsageError(f"--top_k={FLAGS.top_k} is larger than the vocabulary ({model.config.vocab_size} tokens)")
     max_length = (
@@ -673,10 +677,7 @@ def main(argv):
     try:
         return run_generation()
     except DamagedCheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # not sys.exit: Orbax's reads still in flight would print tracebacks at shutdown
+        exit_now(f"error: {e}", 1)  # not sys.exit: Orbax's reads still in flight would print tracebacks
     except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -70,3 +70,52 @@ def adopt_main_help(doc: str | None, module_name: str, fv=None) -> None:
     if sys.argv and sys.argv[0] != module_name:
         for flag in fv.get_flags_for_module(module_name):
             fv.register_flag_by_module(sys.argv[0], flag)
+
+
+_HELD_STDERR: list[int] = []  # the real stderr while stderr_held() is active (innermost last)
+
+
+@contextlib.contextmanager
+def stderr_held():
+    """Sends file descriptor 2 to a temporary file for the block and replays what was written there when the block
+    ends, so a clean failure can be reported by :func:`exit_now` without the noise of Orbax/TensorStore reader
+    threads that fail in the background after a damaged array (they write "Event loop is closed" tracebacks).
+    """
+    import os
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    _HELD_STDERR.append(saved)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        _HELD_STDERR.pop()
+        os.close(saved)
+        held.seek(0)
+        data = held.read()
+        held.close()
+        if data:
+            os.write(2, data)
+
+
+def exit_now(message: str, code: int) -> None:
+    """Prints ``message`` to the real stderr and ends the process at once with exit status ``code``.
+
+    For a damaged checkpoint found while Orbax/TensorStore reads it: their reads still in flight fail in
+    background threads once the event loop is gone and print "Event loop is closed" tracebacks. Called inside
+    :func:`stderr_held`, those go to the discarded temporary file; the process leaves with ``os._exit`` (no
+    interpreter shutdown, which would wait for or re-raise in those threads) with stderr closed after the message.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(_HELD_STDERR[0] if _HELD_STDERR else 2, (message + "\n").encode())
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os._exit(code)
