@@ -9,7 +9,13 @@ Implementations (chosen by :func:`attend` from the backend, dtypes and shapes, o
   blocks up to its own last position (a dynamic trip count computed from the positions: a decode step reads
   ``ceil(max(lengths) / block)`` blocks, a prefill chunk the blocks up to its last token); blocks past it are
   never read. Within the last block, keys beyond a query's position are masked.
-* ``"cudnn"``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` (GPU, bf16/fp16, float caches).
+* ``"cudnn"``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` (GPU, bf16/fp16, float caches), given
+  per-row key lengths or cuDNN's own causal mask instead of a dense [B, T, S] mask where that is exact (see
+  :func:`cudnn_attention`); chunks it cannot express that way go to the blockwise path.
+* ``"splash"``: the Pallas TPU splash attention kernel JAX ships (``jax.experimental.pallas.ops.tpu.
+  splash_attention``, native GQA, causal mask and segment ids) for self-attention (``cached=False``) whose length
+  is a multiple of 128 (see :func:`splash_attention`); on a backend other than TPU it runs in Pallas's interpret
+  mode (slow; used by the tests).
 * ``"reference"``: :func:`reference_attention`, the dense einsum form with a [B, T, S] mask (the test oracle).
 
 GQA groups the queries ``[B, T, K, G, H]`` against the un-repeated keys ``[B, S, K, H]``
@@ -28,12 +34,13 @@ page pool and a page table) reuses it unchanged.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("blockwise", "cudnn", "reference", "xla")
+IMPLEMENTATIONS = ("blockwise", "cudnn", "reference", "splash", "xla")
 #: Default key block (and query block in self-attention): score tiles of 512 x 512 per head.
 DEFAULT_BLOCK = 512
 #: Default key block of decode-sized query chunks (T <= 16): fewer, larger blocks (the loop's per-iteration cost
@@ -229,15 +236,190 @@ def _blockwise_self(q, k, v, q_positions, segment_ids, block):
     return out[:, :t]
 
 
+# ------------------------------------------------------------------------------------------- backends
+def positions_follow_index(q_positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """bool scalar: in self-attention the position rule adds nothing to causality by index and segment.
+
+    True when every row's segment ids never decrease along the row (segments are contiguous) and positions never
+    decrease within a segment: then key j <= query i of the same segment has position[j] <= position[i], so a kernel
+    that masks only by index (and segment) computes the masking rules of the module docstring exactly. Holds for
+    positions 0..T-1 and for packed documents whose positions restart at each segment.
+    """
+    rising = q_positions[:, 1:] >= q_positions[:, :-1]  # [B, T-1]
+    if segment_ids is None:
+        return jnp.all(rising)
+    step = segment_ids[:, 1:] - segment_ids[:, :-1]
+    return jnp.all((step > 0) | ((step == 0) & rising))
+
+
+def _blockwise(q, k, v, q_positions, *, cached, segment_ids, k_scale, v_scale, layer, block):
+    if cached:
+        return _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block)
+    if layer is not None or k_scale is not None:
+        raise ValueError("self-attention (cached=False) takes per-layer float k/v")
+    return _blockwise_self(q, k, v, q_positions, segment_ids, block)
+
+
+def cudnn_attention(
+    q, k, v, q_positions, *, cached, segment_ids=None, layer=None, block=DEFAULT_BLOCK, implementation="cudnn"
+):
+    """``jax.nn.dot_product_attention`` with the masking rules of the module docstring, cheapest form first.
+
+    * decode (cached, T == 1): ``key_value_seq_lengths = position + 1`` per row (slot s <= position), no mask;
+    * a cached chunk starting at position 0 in every row (positions == 0..T-1, a prompt's prefill): cuDNN's causal
+      mask against slots 0..T-1 only (slots >= T are past every query); any other chunk (a later chunk of a chunked
+      prefill, ragged rows) goes to the blockwise path (``lax.cond`` on the positions);
+    * self-attention without segment ids: cuDNN's causal mask where :func:`positions_follow_index`, else blockwise;
+    * self-attention with segment ids: a dense [B, 1, T, T] mask.
+
+    Args:
+      q: [B, T, N, H]; k, v: [(L,) B, S, K, H] float (a stacked cache with ``layer``); q_positions: int32 [B, T].
+      implementation: ``"cudnn"``; ``"xla"`` runs the same arguments through JAX's XLA implementation (the tests
+        check the argument choice on CPU this way).
+
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    dtype = q.dtype
+
+    def sdpa(kk, vv, **kw):
+        return jax.nn.dot_product_attention(q, kk.astype(dtype), vv.astype(dtype), implementation=implementation, **kw)
+
+    def blockwise():
+        return _blockwise(
+            q,
+            k,
+            v,
+            q_positions,
+            cached=cached,
+            segment_ids=segment_ids,
+            k_scale=None,
+            v_scale=None,
+            layer=layer,
+            block=block,
+        )
+
+    if cached:
+        s = k.shape[-3]
+        if t == 1:
+            kk, vv = (x if layer is None else x[layer] for x in (k, v))
+            lengths = jnp.minimum(q_positions[:, 0] + 1, s).astype(jnp.int32)
+            return sdpa(kk, vv, key_value_seq_lengths=lengths)
+        if t > s:
+            return blockwise()
+
+        def causal_from_zero():
+            kk, vv = (_slice(x, layer, 0, t) for x in (k, v))  # slots 0..T-1: [B, T, K, H]
+            return sdpa(kk, vv, is_causal=True)
+
+        from_zero = jnp.all(q_positions == jnp.arange(t, dtype=q_positions.dtype)[None])
+        return jax.lax.cond(from_zero, causal_from_zero, blockwise)
+    if segment_ids is not None:
+        mask = dense_mask(q_positions, t, cached=False, segment_ids=segment_ids)
+        return sdpa(k, v, mask=mask[:, None])
+    return jax.lax.cond(positions_follow_index(q_positions), lambda: sdpa(k, v, is_causal=True), blockwise)
+
+
+#: splash attention tiles: the largest of these dividing the length (all multiples of the TPU's 128 lanes).
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+def splash_fits(t: int, head_dim: int) -> bool:
+    """Shapes the TPU splash kernel is chosen for automatically: length a multiple of 128, head dim of 128 or 256."""
+    return t % 128 == 0 and head_dim in (128, 256)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(n_heads: int, t: int, block: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(n_heads)])
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return sk, sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q, k, v, q_positions, *, segment_ids=None, block=DEFAULT_BLOCK, interpret=None):
+    """Causal self-attention through the Pallas TPU splash attention kernel (``jax.experimental.pallas.ops.tpu.
+    splash_attention``, forward and backward kernels).
+
+    The kernel masks by index (causal) and segment id; where :func:`positions_follow_index` does not hold, the
+    blockwise path runs instead (``lax.cond``), so the result always follows the module docstring's rules.
+    GQA is the kernel's own (query head n reads KV head n // G; K/V are not repeated); the batch is a ``vmap``.
+
+    Args:
+      q: [B, T, N, H] (RoPE applied); k, v: [B, T, K, H]; q_positions: int32 [B, T]; segment_ids: int32 [B, T].
+      block: the tile is the largest of :data:`SPLASH_BLOCKS` dividing T and <= max(block, 128).
+      interpret: run in Pallas's interpret mode; default: on any backend other than TPU.
+
+    Returns:
+      [B, T, N, H] in q's dtype.
+
+    Raises:
+      ValueError: T not a multiple of 128.
+    """
+    b, t, n, h = q.shape
+    if t % 128:
+        raise ValueError(f"splash attention needs a length that is a multiple of 128, got T={t}")
+    tile = next(c for c in SPLASH_BLOCKS if t % c == 0 and c <= max(block, 128))
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    sk, kernel = _splash_kernel(n, t, tile, bool(interpret))
+    qs = (q.astype(jnp.float32) * jnp.float32(h**-0.5)).astype(q.dtype)  # the kernel does not scale
+    qh, kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (qs, k.astype(q.dtype), v.astype(q.dtype)))  # [B, *, T, H]
+
+    def run():
+        if segment_ids is None:
+            out = jax.vmap(kernel)(qh, kh, vh)
+        else:
+            seg = segment_ids.astype(jnp.int32)
+            out = jax.vmap(lambda a, b_, c, d: kernel(a, b_, c, segment_ids=sk.SegmentIds(d, d)))(qh, kh, vh, seg)
+        return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)  # [B, T, N, H]
+
+    def blockwise():
+        return _blockwise_self(q, k, v, q_positions, segment_ids, block)
+
+    return jax.lax.cond(positions_follow_index(q_positions, segment_ids), run, blockwise)
+
+
 # ------------------------------------------------------------------------------------------- dispatch
-def choose_implementation(q_dtype, kv_dtype) -> str:
-    """cuDNN on GPU for bf16/fp16 queries over a float cache of the same dtype, else the blockwise XLA path."""
-    if (
-        jax.default_backend() == "gpu"
-        and jnp.dtype(q_dtype) in (jnp.bfloat16, jnp.float16)
-        and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype)
-    ):
-        return "cudnn"
+def choose_implementation(
+    q_dtype,
+    kv_dtype,
+    *,
+    head_dim: int | None = None,
+    cached: bool | None = None,
+    length: int | None = None,
+    backend: str | None = None,
+) -> str:
+    """The selection rule of :func:`attend` (``implementation=None``).
+
+    * GPU: ``"cudnn"`` for bf16/fp16 queries over a float K/V of the same dtype and (when given) a head dim that is
+      a multiple of 8 and at most 128 (cuDNN flash attention's range);
+    * TPU: ``"splash"`` for self-attention (``cached=False``) of a length and head dim :func:`splash_fits` accepts;
+    * everything else (CPU, int8 caches, float32 on GPU, cached chunks on TPU): ``"blockwise"``.
+
+    ``backend`` defaults to ``jax.default_backend()``; the shape arguments may be omitted (old callers), which
+    rules out only the TPU kernel.
+    """
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+        half = jnp.dtype(q_dtype) in (jnp.bfloat16, jnp.float16) and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype)
+        if half and (head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)):
+            return "cudnn"
+    if backend == "tpu" and cached is False and length is not None and head_dim is not None:
+        if jnp.dtype(kv_dtype) != jnp.int8 and splash_fits(length, head_dim):
+            return "splash"
     return "blockwise"
 
 
@@ -269,7 +451,7 @@ def attend(
         segment.
       k_scale, v_scale: float32 [(L,) B, S, K] dequantization scales of an int8 cache (one per token and KV head).
       layer: see k, v.
-      implementation: "blockwise" (or "xla"), "cudnn", "reference", or None (:func:`choose_implementation`).
+      implementation: "blockwise" (or "xla"), "cudnn", "splash", "reference", or None (:func:`choose_implementation`).
       block_size: key block C of the blockwise path (and query block of self-attention); default
         ``DECODE_BLOCK`` for cached chunks of T <= 16 queries, else ``DEFAULT_BLOCK``.
 
@@ -277,10 +459,11 @@ def attend(
       [B, T, N, H] in q's dtype.
 
     Raises:
-      ValueError: unknown implementation, segment_ids with a cache, or cuDNN asked for an int8 cache.
+      ValueError: unknown implementation, segment_ids with a cache, cuDNN asked for an int8 cache, splash asked for
+        a cache or a length that is not a multiple of 128.
     """
     if implementation is None:
-        implementation = choose_implementation(q.dtype, k.dtype)
+        implementation = choose_implementation(q.dtype, k.dtype, head_dim=q.shape[-1], cached=cached, length=q.shape[1])
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
     if cached and segment_ids is not None:
@@ -290,25 +473,36 @@ def attend(
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if implementation in ("blockwise", "xla"):
-        if cached:
-            return _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block_size)
-        if layer is not None or k_scale is not None:
-            raise ValueError("self-attention (cached=False) takes per-layer float k/v")
-        return _blockwise_self(q, k, v, q_positions, segment_ids, block_size)
+        return _blockwise(
+            q,
+            k,
+            v,
+            q_positions,
+            cached=cached,
+            segment_ids=segment_ids,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            layer=layer,
+            block=block_size,
+        )
+    if implementation == "splash":
+        if cached or layer is not None or k_scale is not None:
+            raise ValueError("the splash attention kernel serves self-attention (cached=False) over float k/v")
+        return splash_attention(q, k, v, q_positions, segment_ids=segment_ids, block=block_size)
+    if implementation == "cudnn":
+        if k_scale is not None:
+            raise ValueError("the cudnn attention takes a float KV cache, not int8")
+        return cudnn_attention(
+            q, k, v, q_positions, cached=cached, segment_ids=segment_ids, layer=layer, block=block_size
+        )
 
-    # dense implementations: the layer of a stacked cache, dequantized
+    # the dense oracle: the layer of a stacked cache, dequantized
     if layer is not None:
         k, v = k[layer], v[layer]
         k_scale = None if k_scale is None else k_scale[layer]
         v_scale = None if v_scale is None else v_scale[layer]
     if k_scale is not None:
-        if implementation == "cudnn":
-            raise ValueError("the cudnn attention takes a float KV cache, not int8")
         k = k.astype(jnp.float32) * k_scale[..., None]
         v = v.astype(jnp.float32) * v_scale[..., None]
     mask = dense_mask(q_positions, k.shape[1], cached=cached, segment_ids=segment_ids)
-    if implementation == "cudnn":
-        return jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], implementation="cudnn"
-        )
     return reference_attention(q, k, v, mask)

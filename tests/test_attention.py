@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax.attention import attend, dense_mask, reference_attention
+from llama_jax.attention import attend, choose_implementation, cudnn_attention, dense_mask, reference_attention
 from llama_jax.engine import Engine
 from llama_jax.kv_cache import init_cache, quantize_kv
 from llama_jax.model import Llama
@@ -133,6 +133,95 @@ def test_bad_arguments_are_named(kwargs, match):
         attend(q, k, v, jnp.arange(4, dtype=jnp.int32)[None], **args)
     with pytest.raises(ValueError, match="attention_impl"):
         Llama(tiny_config(), rngs=nnx.Rngs(0), attention_impl="flash")
+
+
+def _packed(b, t, cuts):
+    """Segment ids and positions restarting at each cut (packed documents), per row."""
+    seg = np.zeros((b, t), np.int32)
+    pos = np.zeros((b, t), np.int32)
+    for r, row_cuts in enumerate(cuts):
+        edges = [0, *row_cuts, t]
+        for i, (a, z) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            seg[r, a:z], pos[r, a:z] = i, np.arange(z - a)
+    return jnp.asarray(seg), jnp.asarray(pos)
+
+
+# the splash kernel takes q pre-scaled by H**-0.5 (one more float32 rounding of q) and sums its tiles in its own
+# order: a few float32 ulps of O(1) outputs, as the blockwise path; ATOL covers it.
+@pytest.mark.parametrize("case", ["causal", "packed", "positions_not_by_index"])
+def test_splash_kernel_in_interpret_mode_equals_oracle(case):
+    """The Pallas TPU splash attention kernel, run on CPU in Pallas's interpret mode through attend: GQA (8 query
+    heads on 2 KV heads, not repeated), causal, packed segments; positions that do not follow the index take the
+    blockwise branch of the same lax.cond and still match."""
+    t = 256
+    q, k, v = _qkv(2, t, t, seed=11)
+    seg = None
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+    if case == "packed":
+        seg, pos = _packed(2, t, [[100], [128, 192]])
+    elif case == "positions_not_by_index":
+        pos = pos.at[1].set(jnp.arange(t, dtype=jnp.int32)[::-1])  # a row whose positions fall: causal by index
+    out = attend(q, k, v, pos, cached=False, segment_ids=seg, implementation="splash", block_size=128)
+    ref = reference_attention(q, k, v, dense_mask(pos, t, cached=False, segment_ids=seg))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
+
+
+def test_splash_kernel_gradients_in_interpret_mode():
+    """Training through the splash kernel's own backward kernels (dq, dkv) equals the oracle's gradients."""
+    t = 128
+    q, k, v = _qkv(1, t, t, seed=12)
+    seg, pos = _packed(1, t, [[50]])
+    mask = dense_mask(pos, t, cached=False, segment_ids=seg)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal((1, t, N, H)), jnp.float32)
+    ours = lambda q, k, v: jnp.sum(attend(q, k, v, pos, cached=False, segment_ids=seg, implementation="splash") * w)  # noqa: E731
+    ref = lambda q, k, v: jnp.sum(reference_attention(q, k, v, mask) * w)  # noqa: E731
+    for a, b in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v), strict=True):
+        # gradients sum O(T) terms of O(|w|) size: a ulp-level relative error of their scale
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_cudnn_arguments_equal_oracle_through_xla():
+    """The arguments the cuDNN path hands jax.nn.dot_product_attention (per-row key lengths for decode, cuDNN's
+    causal mask for a prefill from position 0, the blockwise fallback for a later chunk, a dense mask for packed
+    rows) give the oracle's result; JAX's XLA implementation of the same call stands in for cuDNN on CPU."""
+    s, layers = 300, 3
+    rng = np.random.default_rng(13)
+    kc, vc = (jnp.asarray(rng.standard_normal((layers, 2, s, K, H)), jnp.float32) for _ in range(2))
+    q, _, _ = _qkv(2, 64, 1, seed=13)
+    cases = {
+        "decode, ragged rows": jnp.asarray([[4], [280]], jnp.int32),
+        "prefill from 0": jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64)),
+        "later chunk": 100 + jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64)),
+    }
+    for name, pos in cases.items():
+        qq = q[:, : pos.shape[1]]
+        out = cudnn_attention(qq, kc, vc, pos, cached=True, layer=2, block=64, implementation="xla")
+        ref = reference_attention(qq, kc[2], vc[2], dense_mask(pos, s, cached=True))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL, err_msg=name)
+    q, k, v = _qkv(2, 64, 64, seed=14)
+    for seg, pos in [(None, jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))), _packed(2, 64, [[20], [9]])]:
+        out = cudnn_attention(q, k, v, pos, cached=False, segment_ids=seg, implementation="xla")
+        ref = reference_attention(q, k, v, dense_mask(pos, 64, cached=False, segment_ids=seg))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
+
+
+def test_backend_selection_rule():
+    bf, f32, i8 = jnp.bfloat16, jnp.float32, jnp.int8
+    assert choose_implementation(bf, bf, backend="gpu") == "cudnn"
+    assert choose_implementation(bf, bf, head_dim=128, cached=True, length=1, backend="gpu") == "cudnn"
+    assert choose_implementation(bf, bf, head_dim=256, backend="gpu") == "blockwise"  # beyond cuDNN's head dims
+    assert choose_implementation(bf, i8, backend="gpu") == "blockwise"  # int8 cache
+    assert choose_implementation(f32, f32, backend="gpu") == "blockwise"
+    assert choose_implementation(bf, bf, head_dim=128, cached=False, length=8192, backend="tpu") == "splash"
+    assert choose_implementation(bf, bf, head_dim=128, cached=False, length=8000, backend="tpu") == "blockwise"
+    assert choose_implementation(bf, bf, head_dim=64, cached=False, length=8192, backend="tpu") == "blockwise"
+    assert choose_implementation(bf, bf, head_dim=128, cached=True, length=8192, backend="tpu") == "blockwise"
+    assert choose_implementation(f32, f32, head_dim=128, cached=False, length=8192, backend="cpu") == "blockwise"
+    q, k, v = _qkv(1, 100, 100)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        attend(q, k, v, jnp.arange(100, dtype=jnp.int32)[None], cached=False, implementation="splash")
+    with pytest.raises(ValueError, match="self-attention"):
+        attend(q, k, v, jnp.asarray([[5]], jnp.int32)[:, :1], cached=True, implementation="splash")
 
 
 def test_long_context_sampled_queries_against_naive():
