@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU check (issue 14): on a machine with a GPU, runs the engine / model / layout tests there, then times the decode
 # of a randomly initialised Llama-3.1-8B-shaped bfloat16 model at batch 1 and 64 against the HBM roofline
-# (weight + KV cache bytes read per step / HBM read bandwidth measured in the same run). Well under 10 minutes.
+# (weight + KV cache bytes read per step / HBM read bandwidth measured in the same run); then (issue 15) prefills
+# 32K- and 128K-token prompts on the same 8B shape through cuDNN flash attention (the whole prompt as one chunk)
+# and through the blockwise XLA path (4096-token chunks), time and peak device memory, each in its own process
+# (experiments/gpu_long_prefill.py). Well under 10 minutes.
 #
 #   bash experiments/gpu_check.sh            # from the repository root; needs jax with CUDA (jax[cuda12])
 #
@@ -64,4 +67,10 @@ for b in (1, 64):
     print(f"| {b:5d} | {b / step:5.0f} | {step * 1e3:7.2f} | {roof * 1e3:16.2f} | {roof / step:11.2f} |")
 PY
 bench_rc=$?
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+
+echo "== 8B-shaped bfloat16 prefill of 32K and 128K tokens: cuDNN vs blockwise XLA (issue 15)"
+timeout 240 python experiments/gpu_long_prefill.py --impl=cudnn --chunk_size=0 --lengths=32768,131072
+cudnn_rc=$?
+timeout 240 python experiments/gpu_long_prefill.py --impl=blockwise --chunk_size=4096 --lengths=32768,131072
+blockwise_rc=$?
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$cudnn_rc" = 0 ] && [ "$blockwise_rc" = 0 ]
