@@ -260,6 +260,10 @@ def _blockwise(q, k, v, q_positions, *, cached, segment_ids, k_scale, v_scale, l
     return _blockwise_self(q, k, v, q_positions, segment_ids, block)
 
 
+#: query sub-chunk of the cuDNN path's blockwise fallback for long cached chunks.
+FALLBACK_QUERY_BLOCK = 4096
+
+
 def cudnn_attention(
     q, k, v, q_positions, *, cached, segment_ids=None, layer=None, block=DEFAULT_BLOCK, implementation="cudnn"
 ):
@@ -287,6 +291,14 @@ def cudnn_attention(
         return jax.nn.dot_product_attention(q, kk.astype(dtype), vv.astype(dtype), implementation=implementation, **kw)
 
     def blockwise():
+        if cached and t > FALLBACK_QUERY_BLOCK and t % FALLBACK_QUERY_BLOCK == 0:
+            # query sub-chunks in sequence: the fallback's score tiles stay FALLBACK_QUERY_BLOCK x block (a branch of
+            # lax.cond is allocated even when the other one runs)
+            n_sub = t // FALLBACK_QUERY_BLOCK
+            qs = jnp.moveaxis(q.reshape(b, n_sub, FALLBACK_QUERY_BLOCK, n, h), 1, 0)  # [n_sub, B, C, N, H]
+            ps = jnp.moveaxis(q_positions.reshape(b, n_sub, FALLBACK_QUERY_BLOCK), 1, 0)
+            out = jax.lax.map(lambda a: _blockwise_cached(a[0], k, v, None, None, layer, a[1], block), (qs, ps))
+            return jnp.moveaxis(out, 0, 1).reshape(b, t, n, h)
         return _blockwise(
             q,
             k,

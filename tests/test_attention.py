@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llama_jax import attention
 from llama_jax.attention import attend, choose_implementation, cudnn_attention, dense_mask, reference_attention
 from llama_jax.engine import Engine
 from llama_jax.kv_cache import init_cache, quantize_kv
@@ -180,7 +181,7 @@ def test_splash_kernel_gradients_in_interpret_mode():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
-def test_cudnn_arguments_equal_oracle_through_xla():
+def test_cudnn_arguments_equal_oracle_through_xla(monkeypatch):
     """The arguments the cuDNN path hands jax.nn.dot_product_attention (per-row key lengths for decode, cuDNN's
     causal mask for a prefill from position 0, the blockwise fallback for a later chunk, a dense mask for packed
     rows) give the oracle's result; JAX's XLA implementation of the same call stands in for cuDNN on CPU."""
@@ -193,11 +194,13 @@ def test_cudnn_arguments_equal_oracle_through_xla():
         "prefill from 0": jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64)),
         "later chunk": 100 + jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64)),
     }
-    for name, pos in cases.items():
-        qq = q[:, : pos.shape[1]]
-        out = cudnn_attention(qq, kc, vc, pos, cached=True, layer=2, block=64, implementation="xla")
-        ref = reference_attention(qq, kc[2], vc[2], dense_mask(pos, s, cached=True))
-        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL, err_msg=name)
+    for split in (4096, 16):  # the fallback of a long later chunk runs in query sub-chunks (here 4 of 16)
+        monkeypatch.setattr(attention, "FALLBACK_QUERY_BLOCK", split)
+        for name, pos in cases.items():
+            qq = q[:, : pos.shape[1]]
+            out = cudnn_attention(qq, kc, vc, pos, cached=True, layer=2, block=64, implementation="xla")
+            ref = reference_attention(qq, kc[2], vc[2], dense_mask(pos, s, cached=True))
+            np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL, err_msg=f"{name}, split {split}")
     q, k, v = _qkv(2, 64, 64, seed=14)
     for seg, pos in [(None, jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))), _packed(2, 64, [[20], [9]])]:
         out = cudnn_attention(q, k, v, pos, cached=False, segment_ids=seg, implementation="xla")
