@@ -2,6 +2,7 @@
 
     pip install -e .[bench]          # llama-cpp-python (compiles llama.cpp, ~5 min on 2 cores)
     python experiments/bench_generate.py [--new_tokens=64] [--repeats=3] [--engines=llama-jax,llama.cpp,transformers]
+    python experiments/bench_generate.py --long_prompts     # + prefill 4096 / 8000 tokens, decode after 4000 (issue 15)
 
 Each engine and precision is measured in its own process (``--worker``, internal), on the same token prompts, greedy,
 so one engine's memory or threads never affect another, and peak RSS is per process. llama.cpp
@@ -13,6 +14,11 @@ float32, bfloat16 and int8 weights (llama.cpp: F32, -, Q8_0), decode at the larg
 llama.cpp at the same precision; bf16: / our float32), and the limit: batch-1 decode tokens/s if each token reads
 every weight byte once at the read bandwidth measured in the same run (a jitted XLA sum over 1 GiB), and for RSS
 the weight + KV cache bytes. Medians over --repeats; on a shared machine compare ratios, not absolute figures.
+
+``--long_prompts`` adds the long-prompt rows (float32 / F32): prefill of each ``--long_prefill`` prompt (default 4096
+and 8000 tokens; llama-jax into a cache of the next power of two above the prompt, llama.cpp with ``n_ctx`` 8192,
+both in 512-token chunks / batches) and batch-1 decode after a ``--long_decode_after``-token prompt (default 4000;
+llama-jax's cache then has 4096 slots). Ratios are against llama.cpp F32.
 """
 
 from __future__ import annotations
@@ -34,10 +40,33 @@ flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median reported).")
 flags.DEFINE_multi_integer("batch", [1, 32], "Decode batch sizes (1 and one larger).")
 flags.DEFINE_list("engines", ["llama-jax", "llama.cpp", "transformers"], "Engines to measure.")
 flags.DEFINE_string("worker", None, "Internal: measure one engine:precision in this process and print JSON.")
+flags.DEFINE_bool("long_prompts", False, "Also measure the long-prompt rows (--long_prefill, --long_decode_after).")
+flags.DEFINE_list("long_prefill", ["4096", "8000"], "Long prefill prompt lengths (tokens), with --long_prompts.")
+flags.DEFINE_integer("long_decode_after", 4000, "Prompt length of the long batch-1 decode row, with --long_prompts.")
 flags.DEFINE_string("gguf_dir", None, "Where the F32 / Q8_0 GGUFs are written (default: the llama-jax cache).")
 
 CACHE_LEN = 1024
 SHORT = 16  # prompt length of the decode runs
+LONG_CTX = 8192  # SmolLM2's context: the most a long row may use
+
+
+def long_lengths() -> tuple[list[int], int]:
+    """(--long_prefill lengths, --long_decode_after) when --long_prompts is on, else ([], 0)."""
+    if not FLAGS.long_prompts:
+        return [], 0
+    return [int(n) for n in FLAGS.long_prefill], FLAGS.long_decode_after
+
+
+def long_prompt(n: int) -> list[int]:
+    """The first n tokens of the long prompt (the same tokens in every engine's process)."""
+    import numpy as np
+
+    return np.random.default_rng(1).integers(100, 40000, LONG_CTX).tolist()[:n]
+
+
+def cache_slots(n: int) -> int:
+    """Slots of llama-jax's cache for an n-token prompt followed by --new_tokens: the next power of two."""
+    return 1 << (n + FLAGS.new_tokens).bit_length()
 
 
 def median_time(fn, repeats):
@@ -129,7 +158,8 @@ def worker_ours(precision, prompt, new_tokens, batches, repeats):
     else:
         model = checkpoint.load(ckpt, dtype=jnp.dtype(precision))
     weight_bytes = quant.param_bytes(model)
-    engine = Engine(model, max_length=2048)
+    prefill_lengths, decode_after = long_lengths()
+    engine = Engine(model, max_length=LONG_CTX if prefill_lengths or decode_after else 2048)
     out = {"weight_bytes": weight_bytes}
     if precision == "float32":
 
@@ -141,6 +171,27 @@ def worker_ours(precision, prompt, new_tokens, batches, repeats):
 
         prefill()
         out["prefill"] = len(prompt) / median_time(prefill, repeats)
+        for n in prefill_lengths:
+            long, slots = long_prompt(n), min(cache_slots(n), LONG_CTX)
+
+            def prefill_long(long=long, slots=slots):
+                _, logits = engine.prefill([long], engine.new_cache(1, slots))
+                logits.block_until_ready()
+
+            prefill_long()
+            out[f"prefill_{n}"] = n / median_time(prefill_long, repeats)
+        if decode_after:
+
+            def decode_long():
+                ds = engine.start([long_prompt(decode_after)], max_new_tokens=new_tokens, temperature=0.0)
+                ds.tokens.block_until_ready()
+                t = time.perf_counter()
+                ds = engine.loop(ds)
+                ds.tokens.block_until_ready()
+                return time.perf_counter() - t
+
+            decode_long()
+            out["decode_long"] = (new_tokens - 1) / statistics.median(decode_long() for _ in range(repeats))
     for b in batches if precision == "float32" else [1]:
         prompts = [prompt[:SHORT]] * b
 
@@ -180,6 +231,39 @@ def worker_llamacpp(precision, prompt, new_tokens, batches, repeats, gguf_path):
 
         prefill()
         out["prefill"] = len(prompt) / median_time(prefill, repeats)
+        prefill_lengths, decode_after = long_lengths()
+        if prefill_lengths or decode_after:
+            long_llm = llama_cpp.Llama(
+                model_path=gguf_path,
+                n_ctx=LONG_CTX,
+                n_batch=512,
+                n_ubatch=512,
+                n_threads=os.cpu_count(),
+                n_threads_batch=os.cpu_count(),
+                verbose=False,
+            )
+            for n in prefill_lengths:
+                long = long_prompt(n)
+
+                def prefill_long(long=long):
+                    long_llm.reset()
+                    long_llm.eval(long)
+
+                prefill_long()
+                out[f"prefill_{n}"] = n / median_time(prefill_long, repeats)
+            if decode_after:
+
+                def decode_long():
+                    gen = long_llm.generate(long_prompt(decode_after), top_k=1, temp=0.0, reset=True)
+                    next(gen)  # prefill + first token
+                    t = time.perf_counter()
+                    for _ in range(new_tokens - 1):
+                        next(gen)
+                    return time.perf_counter() - t
+
+                decode_long()
+                out["decode_long"] = (new_tokens - 1) / statistics.median(decode_long() for _ in range(repeats))
+            del long_llm
 
     def decode():
         gen = llm.generate(prompt[:SHORT], top_k=1, temp=0.0, reset=True)
@@ -208,6 +292,20 @@ def worker_hf(prompt, new_tokens, batches, repeats, gguf):
     with torch.no_grad():
         hf(ids)
         out["prefill"] = len(prompt) / median_time(lambda: hf(ids), repeats)
+        prefill_lengths, decode_after = long_lengths()
+        for n in prefill_lengths:
+            long = torch.tensor([long_prompt(n)])
+            hf(long)
+            out[f"prefill_{n}"] = n / median_time(lambda long=long: hf(long), repeats)
+        if decode_after:
+            long = torch.tensor([long_prompt(decode_after)])
+            kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+            hf.generate(long, max_new_tokens=2, min_new_tokens=2, **kw)
+            one = median_time(lambda: hf.generate(long, max_new_tokens=1, min_new_tokens=1, **kw), repeats)
+            full = median_time(
+                lambda: hf.generate(long, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw), repeats
+            )
+            out["decode_long"] = (new_tokens - 1) / max(full - one, 1e-9)
         for b in batches:
             batch = torch.tensor([prompt[:SHORT]] * b)
             kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -238,6 +336,9 @@ def run_worker(spec: str) -> dict:
         f"--repeats={FLAGS.repeats}",
     ]
     argv += [f"--batch={b}" for b in FLAGS.batch]
+    if FLAGS.long_prompts:
+        argv += ["--long_prompts", f"--long_prefill={','.join(FLAGS.long_prefill)}"]
+        argv.append(f"--long_decode_after={FLAGS.long_decode_after}")
     if FLAGS.gguf_dir:
         argv.append(f"--gguf_dir={FLAGS.gguf_dir}")
     r = subprocess.run(argv, capture_output=True, text=True)
@@ -284,6 +385,16 @@ def main(argv):
         print(json.dumps(out))
         return
 
+    try:
+        prefill_lengths, decode_after = long_lengths()
+        bad = [n for n in prefill_lengths if not 0 < n < LONG_CTX] + [n for n in [decode_after] if n < 0]
+    except ValueError:
+        raise app.UsageError(f"--long_prefill: integers expected, got {FLAGS.long_prefill}") from None
+    if bad or decode_after + FLAGS.new_tokens > LONG_CTX:
+        raise app.UsageError(
+            f"--long_prefill / --long_decode_after: prompt lengths must be in 1..{LONG_CTX - 1} (SmolLM2's context "
+            f"{LONG_CTX}) with room for --new_tokens, got {FLAGS.long_prefill} / {FLAGS.long_decode_after}"
+        )
     unknown = set(FLAGS.engines) - {"llama-jax", "llama.cpp", "transformers"}
     if unknown:
         raise app.UsageError(f"--engines: unknown {sorted(unknown)} (llama-jax, llama.cpp, transformers)")
@@ -321,6 +432,28 @@ def main(argv):
             None,
         )
     ]
+    for n in prefill_lengths:
+        rows.append(
+            (
+                f"prefill tok/s ({n}-token prompt)",
+                get(f32, f"prefill_{n}"),
+                get(cpp, "F32", f"prefill_{n}"),
+                hf.get(f"prefill_{n}"),
+                get(cpp, "F32", f"prefill_{n}"),
+                None,
+            )
+        )
+    if decode_after:
+        rows.append(
+            (
+                f"decode tok/s, b1, f32, {decode_after}-tok prompt",
+                get(f32, "decode_long"),
+                get(cpp, "F32", "decode_long"),
+                hf.get("decode_long"),
+                get(cpp, "F32", "decode_long"),
+                None,
+            )
+        )
     for p, c in (("float32", "F32"), ("bfloat16", None), ("int8", "Q8_0")):
         o = get(ours, p, "decode_b1")
         wb = get(ours, p, "weight_bytes")

@@ -418,7 +418,8 @@ def choose_implementation(
 
     * GPU: ``"cudnn"`` for bf16/fp16 queries over a float K/V of the same dtype and (when given) a head dim that is
       a multiple of 8 and at most 128 (cuDNN flash attention's range);
-    * TPU: ``"splash"`` for self-attention (``cached=False``) of a length and head dim :func:`splash_fits` accepts;
+    * TPU: ``"splash"`` for self-attention (``cached=False``) of a length and head dim :func:`splash_fits` accepts,
+      on one device (the kernel is a custom call GSPMD cannot partition; a mesh would need it under ``shard_map``);
     * everything else (CPU, int8 caches, float32 on GPU, cached chunks on TPU): ``"blockwise"``.
 
     ``backend`` defaults to ``jax.default_backend()``; the shape arguments may be omitted (old callers), which
@@ -429,7 +430,7 @@ def choose_implementation(
         half = jnp.dtype(q_dtype) in (jnp.bfloat16, jnp.float16) and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype)
         if half and (head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)):
             return "cudnn"
-    if backend == "tpu" and cached is False and length is not None and head_dim is not None:
+    if backend == "tpu" and cached is False and length is not None and head_dim is not None and jax.device_count() == 1:
         if jnp.dtype(kv_dtype) != jnp.int8 and splash_fits(length, head_dim):
             return "splash"
     return "blockwise"
