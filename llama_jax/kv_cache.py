@@ -186,6 +186,16 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return int(self.k_pages.nbytes + self.v_pages.nbytes + self.page_table.nbytes + self.lengths.nbytes)
 
+    @property
+    def quantized(self) -> bool:
+        return False
+
+    def write(self, layer, positions: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVCache:
+        """Stores new keys/values [B, T, K, H] of layer ``layer`` at token ``positions`` (int32 [B, T]) of each row
+        through its page table (:func:`paged_write`; positions on unused entries, >= ``num_pages``, are dropped).
+        The same contract as :meth:`KVCache.write`, so the model writes either cache."""
+        return paged_write(self, layer, positions, k, v)
+
 
 def init_paged_cache(
     config: LlamaConfig, num_pages: int, page_size: int, batch_size: int, pages_per_row: int, dtype=jnp.float32
