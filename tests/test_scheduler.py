@@ -293,3 +293,33 @@ def test_request_waits_when_its_pages_are_not_free(engine):
     small = Scheduler(engine, ByteTokenizer(), max_batch=2, stop_ids=(), page_size=16, num_pages=5)
     with pytest.raises(ValueError, match=r"needs 6 KV-cache pages .* pool holds 5 \(num_pages\)"):
         small.check(a, SamplingParams(max_tokens=30))  # 90 tokens: 6 pages can never fit
+
+
+def test_smollm2_paged_equals_dense(smollm2_checkpoint):
+    """SmolLM2-135M-Instruct: a ragged batch of real prompts (one crossing several 16-token pages while decoding,
+    rows joining as others end) gives the same greedy tokens and log-probabilities paged as dense."""
+    from llama_jax import checkpoint
+    from llama_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(checkpoint.tokenizer_dir(smollm2_checkpoint))
+    engine = Engine(checkpoint.load(smollm2_checkpoint), max_length=256, chunk_size=64)
+    texts = [
+        "The capital of France is",
+        "Water freezes at",
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who every morning",
+        "1, 2, 3, 4,",
+        "def fibonacci(n):",
+    ]
+    prompts = [tokenizer.encode(t) for t in texts]
+    out = {}
+    for layout in ("dense", "paged"):
+        with Scheduler(engine, tokenizer, max_batch=3, stop_ids=(), kv_layout=layout, page_size=16) as s:
+            out[layout] = _run(s, prompts, max_tokens=24)
+            out[layout + "_stats"] = s.stats()
+    tol = max(_logprob_tolerance(engine, p) for p in prompts)
+    for d, p in zip(out["dense"], out["paged"], strict=True):
+        assert p.tokens == d.tokens and p.text == d.text
+        np.testing.assert_allclose(p.logprobs, d.logprobs, rtol=0, atol=tol)
+    assert len({tuple(r.tokens) for r in out["paged"]}) == len(prompts)  # real, distinct continuations
+    pages = out["paged_stats"]["kv_pages"]
+    assert pages["free"] == pages["total"] == 3 * 256 // 16
