@@ -150,9 +150,10 @@ def cache_logical_axes() -> KVCache:
 #
 # A row holds only the pages its tokens use (vLLM's PagedAttention, Kwon et al. 2023, "Efficient Memory Management
 # for Large Language Model Serving with PagedAttention", SOSP, section 4.1). The host-side allocator and the prefix
-# cache that shares full pages between rows are in llama_jax.scheduler. Attention reads a row's pages by gathering
-# them into the dense [L, B, S, K, H] layout the model's attention takes (paged_attention); a blockwise loop over
-# pages can replace that gather without changing this layout.
+# cache that shares full pages between rows are in llama_jax.scheduler (PagePool). The model writes a PagedKVCache
+# through PagedKVCache.write and attends over it with llama_jax.attention.paged_attend (an online softmax over
+# blocks of pages fetched through the page table, only up to the longest row); paged_attention below gathers a
+# row's pages into dense slots instead (kept as the simple twin for tests).
 
 PAGED_CACHE_AXES = ("layers", None, None, "cache_kv_heads", "cache_head_dim")
 

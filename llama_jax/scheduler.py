@@ -4,8 +4,17 @@ Design (ARCHITECTURE.md, "Where new work goes"; the continuous batching of vLLM 
 "Orca: A Distributed Serving System for Transformer-Based Generative Models", OSDI, section 3.2):
 
 * **Rows and the running state.** The scheduler keeps one :class:`llama_jax.engine.DecodeState` of
-  ``max_batch`` rows whose cache holds ``engine.max_length`` slots per row. A free row is "done" on the device and
-  idles through decode steps.
+  ``max_batch`` rows. A free row is "done" on the device and idles through decode steps.
+* **Paged KV cache** (``kv_layout="paged"``, the default): the state's cache is a
+  :class:`llama_jax.kv_cache.PagedKVCache`, a pool of pages of P tokens per layer and a page table per row
+  (int32 [max_batch, ceil(max_length / P)]; pool size and table width fixed at construction, so nothing
+  recompiles per request). :class:`PagePool` decides which row holds which page: a request is admitted when the
+  pages of its whole length (prompt + max_tokens) can be promised to it (else it waits in the queue: a row never
+  runs out of pages and never takes another's), its prompt's pages are allocated and prefilled through its page
+  table, one more page is allocated whenever decoding is about to cross a page edge, and all of them go back when
+  it ends or is cancelled. Attention reads a row's pages through its table
+  (:func:`llama_jax.attention.paged_attend`, visiting only the pages up to the batch's longest row).
+  ``kv_layout="dense"`` keeps the dense cache (every row reserves ``engine.max_length`` slots).
 * **Continuous batching.** A request waits in a FIFO queue (at most ``max_queue`` long: :class:`QueueFull`
   beyond) until a row is free; it then joins the running batch at once through :meth:`Engine.insert` (its
   prompt is prefilled into a 1-row cache and scattered into the row, and its first token sampled), while the other
@@ -27,8 +36,10 @@ Design (ARCHITECTURE.md, "Where new work goes"; the continuous batching of vLLM 
   block (a server hands them to its event loop). :meth:`Scheduler.cancel` frees the request's row before the
   next dispatch (a client that disconnects loses nothing but its own row).
 * **Prefix cache** (``prefix_cache_pages > 0``): the full pages of a prompt that an earlier prompt already had
-  (same tokens from position 0) are loaded from a page pool instead of prefilled (:class:`PrefixCache`); only the
-  rest of the prompt is computed, in chunks starting at the first uncached position.
+  (same tokens from position 0) are not prefilled again; only the rest of the prompt is computed, in chunks
+  starting at the first uncached position. Paged, the cached pages are pool pages put into the new row's page
+  table by reference (:class:`PagePool`); dense, they are copied from a separate pool into the row
+  (:class:`PrefixCache`).
 * **Shutdown.** :meth:`Scheduler.shutdown` refuses new requests, fails the waiting ones with an ``"error"`` event,
   lets the running ones finish (up to ``timeout`` seconds, then fails them too) and joins the thread.
 
