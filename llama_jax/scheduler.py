@@ -205,6 +205,8 @@ class Scheduler:
         ``engine.max_length`` slots (the prefix cache then copies pages from its own pool).
       num_pages: pages of the paged pool; default the dense cache's bytes, ``max_batch`` x
         ceil(max_length / P), plus ``prefix_cache_pages``.
+      max_length: longest request (prompt + max_tokens) and the row length of the dense cache; default (and at
+        most) ``engine.max_length``.
 
     Call :meth:`start` (or use it as a context manager) before :meth:`submit`; :meth:`shutdown` at the end.
     """
@@ -223,6 +225,7 @@ class Scheduler:
         page_size: int = 16,
         kv_layout: str = "paged",
         num_pages: int | None = None,
+        max_length: int | None = None,
     ):
         if kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
@@ -236,7 +239,9 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.steps_per_dispatch = steps_per_dispatch
-        self.max_length = engine.max_length
+        if max_length is not None and not 2 <= max_length <= engine.max_length:
+            raise ValueError(f"max_length must be in [2, {engine.max_length}] (the engine's), got {max_length}")
+        self.max_length = engine.max_length if max_length is None else max_length
         self.stop_ids = frozenset(int(s) for s in (tokenizer.stop_ids if stop_ids is None else stop_ids))
         self.seed = seed
         self._cond = threading.Condition()
