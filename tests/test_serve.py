@@ -605,3 +605,23 @@ def test_sigterm_finishes_running_request_and_exits(server):
     t.join(REQUEST_S)
     assert out["r"].status_code == 200 and out["r"].json()["choices"][0]["finish_reason"] == "length"
     assert proc.wait(timeout=120) == 0
+
+
+@pytest.mark.parametrize(
+    "flag, words",
+    [
+        (["--kv_layout=paged", "--mesh=data=1"], "--kv_layout=paged is single-device"),
+        (["--num_pages=0"], "--num_pages must be >= 1"),
+        (["--kv_layout=ragged"], "kv_layout"),
+    ],
+)
+def test_bad_kv_cache_flags(flag, words):
+    r = subprocess.run(
+        [sys.executable, "-m", "llama_jax.serve", "--port=0", *flag],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
