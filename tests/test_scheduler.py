@@ -323,3 +323,16 @@ def test_smollm2_paged_equals_dense(smollm2_checkpoint):
     assert len({tuple(r.tokens) for r in out["paged"]}) == len(prompts)  # real, distinct continuations
     pages = out["paged_stats"]["kv_pages"]
     assert pages["free"] == pages["total"] == 3 * 256 // 16
+
+
+def test_paged_requests_do_not_recompile(engine):
+    """The pool and page-table shapes are fixed at startup: requests of other lengths, page counts and rows reuse
+    the compiled decode dispatch and row insert (prefill compiles once per chunk bucket, as dense)."""
+    from llama_jax.engine import insert_paged
+
+    with Scheduler(engine, ByteTokenizer(), max_batch=2, stop_ids=(), page_size=8) as s:
+        _run(s, _prompts([5, 9], seed=20), max_tokens=6)
+        before = engine._decode_steps._cache_size(), insert_paged._cache_size()
+        _run(s, _prompts([3, 14, 11, 7], seed=21), max_tokens=15)  # more pages per row, rows refilled
+        after = engine._decode_steps._cache_size(), insert_paged._cache_size()
+    assert after == before
