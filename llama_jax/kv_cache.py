@@ -150,9 +150,10 @@ def cache_logical_axes() -> KVCache:
 #
 # A row holds only the pages its tokens use (vLLM's PagedAttention, Kwon et al. 2023, "Efficient Memory Management
 # for Large Language Model Serving with PagedAttention", SOSP, section 4.1). The host-side allocator and the prefix
-# cache that shares full pages between rows are in llama_jax.scheduler. Attention reads a row's pages by gathering
-# them into the dense [L, B, S, K, H] layout the model's attention takes (paged_attention); a blockwise loop over
-# pages can replace that gather without changing this layout.
+# cache that shares full pages between rows are in llama_jax.scheduler (PagePool). The model writes a PagedKVCache
+# through PagedKVCache.write and attends over it with llama_jax.attention.paged_attend (an online softmax over
+# blocks of pages fetched through the page table, only up to the longest row); paged_attention below gathers a
+# row's pages into dense slots instead (kept as the simple twin for tests).
 
 PAGED_CACHE_AXES = ("layers", None, None, "cache_kv_heads", "cache_head_dim")
 
@@ -185,6 +186,16 @@ class PagedKVCache:
 
     def nbytes(self) -> int:
         return int(self.k_pages.nbytes + self.v_pages.nbytes + self.page_table.nbytes + self.lengths.nbytes)
+
+    @property
+    def quantized(self) -> bool:
+        return False
+
+    def write(self, layer, positions: jax.Array, k: jax.Array, v: jax.Array) -> PagedKVCache:
+        """Stores new keys/values [B, T, K, H] of layer ``layer`` at token ``positions`` (int32 [B, T]) of each row
+        through its page table (:func:`paged_write`; positions on unused entries, >= ``num_pages``, are dropped).
+        The same contract as :meth:`KVCache.write`, so the model writes either cache."""
+        return paged_write(self, layer, positions, k, v)
 
 
 def init_paged_cache(

@@ -219,7 +219,8 @@ class Attention(nnx.Module):
         """x: [B, T, D]; positions int32 [B, T]; segment_ids int32 [B, T] or None (packed documents).
 
         kv: None (causal attention among the T tokens; S = T), or ``(cache, layer)`` with the whole
-        :class:`llama_jax.kv_cache.KVCache` and this layer's index: the new keys/values are written into slots
+        :class:`llama_jax.kv_cache.KVCache` (or ``PagedKVCache``: :func:`llama_jax.attention.paged_attend` reads
+        each row's pages through its page table) and this layer's index: the new keys/values are written into slots
         ``positions`` of that layer (in place when the buffers are donated), then the queries attend to slots
         <= their positions (:func:`llama_jax.attention.attend`, which reads only the blocks it needs).
         Returns (out [B, T, D], kv').
@@ -243,8 +244,13 @@ class Attention(nnx.Module):
             )
         else:
             cache, layer = kv
-            cache = cache.write(layer, positions, k, v)  # [L, B, S, K, H]
+            cache = cache.write(layer, positions, k, v)  # [L, B, S, K, H] (or pages [L, NP, P, K, H])
             kv = (cache, layer)
+            if hasattr(cache, "page_table"):  # a paged cache (llama_jax.kv_cache.PagedKVCache)
+                out = attention.paged_attend(
+                    q, cache.k_pages, cache.v_pages, cache.page_table, positions, layer=layer, block_size=block
+                )
+                return project(out, self.o_proj, "o_proj"), kv  # [B, T, D]
             out = attention.attend(
                 q,
                 cache.k,

@@ -4,8 +4,17 @@ Design (ARCHITECTURE.md, "Where new work goes"; the continuous batching of vLLM 
 "Orca: A Distributed Serving System for Transformer-Based Generative Models", OSDI, section 3.2):
 
 * **Rows and the running state.** The scheduler keeps one :class:`llama_jax.engine.DecodeState` of
-  ``max_batch`` rows whose cache holds ``engine.max_length`` slots per row. A free row is "done" on the device and
-  idles through decode steps.
+  ``max_batch`` rows. A free row is "done" on the device and idles through decode steps.
+* **Paged KV cache** (``kv_layout="paged"``, the default): the state's cache is a
+  :class:`llama_jax.kv_cache.PagedKVCache`, a pool of pages of P tokens per layer and a page table per row
+  (int32 [max_batch, ceil(max_length / P)]; pool size and table width fixed at construction, so nothing
+  recompiles per request). :class:`PagePool` decides which row holds which page: a request is admitted when the
+  pages of its whole length (prompt + max_tokens) can be promised to it (else it waits in the queue: a row never
+  runs out of pages and never takes another's), its prompt's pages are allocated and prefilled through its page
+  table, one more page is allocated whenever decoding is about to cross a page edge, and all of them go back when
+  it ends or is cancelled. Attention reads a row's pages through its table
+  (:func:`llama_jax.attention.paged_attend`, visiting only the pages up to the batch's longest row).
+  ``kv_layout="dense"`` keeps the dense cache (every row reserves ``engine.max_length`` slots).
 * **Continuous batching.** A request waits in a FIFO queue (at most ``max_queue`` long: :class:`QueueFull`
   beyond) until a row is free; it then joins the running batch at once through :meth:`Engine.insert` (its
   prompt is prefilled into a 1-row cache and scattered into the row, and its first token sampled), while the other
@@ -27,8 +36,10 @@ Design (ARCHITECTURE.md, "Where new work goes"; the continuous batching of vLLM 
   block (a server hands them to its event loop). :meth:`Scheduler.cancel` frees the request's row before the
   next dispatch (a client that disconnects loses nothing but its own row).
 * **Prefix cache** (``prefix_cache_pages > 0``): the full pages of a prompt that an earlier prompt already had
-  (same tokens from position 0) are loaded from a page pool instead of prefilled (:class:`PrefixCache`); only the
-  rest of the prompt is computed, in chunks starting at the first uncached position.
+  (same tokens from position 0) are not prefilled again; only the rest of the prompt is computed, in chunks
+  starting at the first uncached position. Paged, the cached pages are pool pages put into the new row's page
+  table by reference (:class:`PagePool`); dense, they are copied from a separate pool into the row
+  (:class:`PrefixCache`).
 * **Shutdown.** :meth:`Scheduler.shutdown` refuses new requests, fails the waiting ones with an ``"error"`` event,
   lets the running ones finish (up to ``timeout`` seconds, then fails them too) and joins the thread.
 
@@ -52,12 +63,23 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import sampling
-from llama_jax.engine import MIN_BUCKET, DecodeState, Engine, SamplingMode, bucket_length
+from llama_jax.engine import (
+    MIN_BUCKET,
+    DecodeState,
+    Engine,
+    SamplingMode,
+    bucket_length,
+    insert_paged,
+    new_paged_cache,
+    prefill_paged,
+)
 from llama_jax.kv_cache import KVCache, gather_pages, init_paged_cache
 
 #: Largest number of top log-probability alternatives a request may ask for (OpenAI's completions limit is 5,
 #: chat's top_logprobs 20).
 MAX_TOP_LOGPROBS = 20
+#: KV-cache layouts of the running batch (:class:`Scheduler`'s ``kv_layout``).
+KV_LAYOUTS = ("paged", "dense")
 
 
 class QueueFull(RuntimeError):
@@ -175,7 +197,16 @@ class Scheduler:
       steps_per_dispatch: decode steps per device call between host checks.
       stop_ids: ids that end a request (default ``tokenizer.stop_ids``), shared by all rows.
       seed: initial PRNG seed.
-      prefix_cache_pages: pages of ``page_size`` tokens kept by the :class:`PrefixCache` (0: no prefix cache).
+      prefix_cache_pages: pages of ``page_size`` tokens kept by the prefix cache (0: no prefix cache).
+      page_size: tokens per page (P) of the paged KV cache and of the prefix cache.
+      kv_layout: "paged" (default): the running batch's KV cache is a pool of ``num_pages`` pages of P tokens
+        per layer and a page table per row (:class:`PagePool`; single device, float K/V); a row holds only the
+        pages its tokens use and prefix-cache hits share pages by reference. "dense": every row reserves
+        ``engine.max_length`` slots (the prefix cache then copies pages from its own pool).
+      num_pages: pages of the paged pool; default the dense cache's bytes, ``max_batch`` x
+        ceil(max_length / P), plus ``prefix_cache_pages``.
+      max_length: longest request (prompt + max_tokens) and the row length of the dense cache; default (and at
+        most) ``engine.max_length``.
 
     Call :meth:`start` (or use it as a context manager) before :meth:`submit`; :meth:`shutdown` at the end.
     """
@@ -192,7 +223,12 @@ class Scheduler:
         seed: int = 0,
         prefix_cache_pages: int = 0,
         page_size: int = 16,
+        kv_layout: str = "paged",
+        num_pages: int | None = None,
+        max_length: int | None = None,
     ):
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
         if max_batch < 1 or max_queue < 0 or steps_per_dispatch < 1:
             raise ValueError(
                 f"max_batch and steps_per_dispatch must be >= 1 and max_queue >= 0, got {max_batch}, "
@@ -203,7 +239,9 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.steps_per_dispatch = steps_per_dispatch
-        self.max_length = engine.max_length
+        if max_length is not None and not 2 <= max_length <= engine.max_length:
+            raise ValueError(f"max_length must be in [2, {engine.max_length}] (the engine's), got {max_length}")
+        self.max_length = engine.max_length if max_length is None else max_length
         self.stop_ids = frozenset(int(s) for s in (tokenizer.stop_ids if stop_ids is None else stop_ids))
         self.seed = seed
         self._cond = threading.Condition()
@@ -226,7 +264,27 @@ class Scheduler:
             return chosen, values, ids
 
         self._score = jax.jit(score, static_argnames=("k",))
-        self.prefix_cache = PrefixCache(engine, prefix_cache_pages, page_size) if prefix_cache_pages else None
+        self.kv_layout = kv_layout
+        self.prefix_cache = None
+        self.pool: PagePool | None = None
+        if kv_layout == "dense":
+            self.prefix_cache = PrefixCache(engine, prefix_cache_pages, page_size) if prefix_cache_pages else None
+            return
+        if page_size < 1 or prefix_cache_pages < 0:
+            raise ValueError(
+                f"page_size must be >= 1 and prefix_cache_pages >= 0, got {page_size}, {prefix_cache_pages}"
+            )
+        if engine.mesh is not None or (engine.kv_dtype is not None and jnp.dtype(engine.kv_dtype) == jnp.int8):
+            raise ValueError("kv_layout='paged' needs a single-device engine with a float KV cache; use 'dense'")
+        self.pages_per_row = -(-self.max_length // page_size)
+        if num_pages is None:  # the dense cache's bytes (max_batch rows of max_length) + the prefix cache's pages
+            num_pages = max_batch * self.pages_per_row + prefix_cache_pages
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        self.pool = PagePool(num_pages, page_size, prefix_cache_pages)
+        self._table = np.full((max_batch, self.pages_per_row), num_pages, np.int32)  # host copy of the page table
+        self._row_pages: list[list[int]] = [[] for _ in range(max_batch)]
+        self._row_promise = [0] * max_batch  # own pages a row may still allocate
 
     # ------------------------------------------------------------------ public API
     def __enter__(self) -> Scheduler:
@@ -263,6 +321,11 @@ class Scheduler:
             raise ValueError(
                 f"this model's maximum context length is {self.max_length} tokens; the prompt has "
                 f"{len(prompt)} tokens and max_tokens is {params.max_tokens} ({need} in all)"
+            )
+        if self.pool is not None and params.max_tokens and self.pool.pages_for(need) > self.pool.num_pages:
+            raise ValueError(
+                f"the request needs {self.pool.pages_for(need)} KV-cache pages of {self.pool.page_size} tokens "
+                f"({need} tokens); the pool holds {self.pool.num_pages} (num_pages)"
             )
 
     def submit(self, request: Request) -> Request:
@@ -322,6 +385,10 @@ class Scheduler:
             }
         if self.prefix_cache is not None:
             out["prefix_cache"] = self.prefix_cache.stats()
+        if self.pool is not None:
+            out["kv_pages"] = self.pool.stats()
+            if self.pool.cache_pages:
+                out["prefix_cache"] = self.pool.prefix_stats()
         return out
 
     def generate(
@@ -380,8 +447,12 @@ class Scheduler:
     def _empty_state(self) -> DecodeState:
         b, length = self.max_batch, self.max_length
         stops = sorted(self.stop_ids) or [-1]
+        if self.pool is not None:
+            cache = new_paged_cache(self.engine, b, self.pool.num_pages, self.pool.page_size, self.pages_per_row)
+        else:
+            cache = self.engine.new_cache(b, length)
         return DecodeState(
-            cache=self.engine.new_cache(b, length),
+            cache=cache,
             last_token=jnp.zeros((b,), jnp.int32),
             tokens=jnp.zeros((b, length), jnp.int32),
             logprobs=jnp.zeros((b, length), jnp.float32),
@@ -434,6 +505,7 @@ class Scheduler:
                             if r is not None:
                                 r._send(Event("error", error="the server shut down before the request finished"))
                                 self._rows[row] = None
+                                self._release_row(row)
                         active = False
                     if self._stopping and not active:
                         return
@@ -441,11 +513,14 @@ class Scheduler:
                         break
                     self._cond.wait()
                 while self._waiting and (None in self._rows or self._waiting[0].params.max_tokens == 0):
-                    r = self._waiting.popleft()
+                    r = self._waiting[0]
                     if r.params.max_tokens == 0:
-                        score_only.append(r)
+                        score_only.append(self._waiting.popleft())
                         continue
                     row = self._rows.index(None)
+                    if self.pool is not None and not self._admit_pages(row, r):
+                        break  # not enough KV pages now: the request waits for a running one to end
+                    self._waiting.popleft()
                     self._rows[row] = r
                     admit.append((row, r))
             freed = [row for row in range(self.max_batch) if self._rows[row] is None]
@@ -461,7 +536,9 @@ class Scheduler:
                 p = r.params
                 if p.seed is not None:
                     ds = ds.replace(key=jax.random.key(p.seed))
-                if self.prefix_cache is None:
+                if self.pool is not None:
+                    ds, hit = self._insert_paged(ds, row, r)
+                elif self.prefix_cache is None:
                     ds = self.engine.insert(
                         ds,
                         row,
@@ -483,6 +560,8 @@ class Scheduler:
             if admit:
                 ds = self._collect(ds, emitted)
             if any(r is not None for r in self._rows):
+                if self.pool is not None:
+                    ds = self._grow_pages(ds, emitted)
                 ds = self.engine.steps(ds, self.steps_per_dispatch, self._mode())
                 ds = self._collect(ds, emitted)
 
@@ -522,11 +601,77 @@ class Scheduler:
         )
         return ds, start
 
+    # ------------------------------------------------------------------ paged KV cache (worker thread only)
+    def _admit_pages(self, row: int, r: Request) -> bool:
+        """Promises ``r`` the pages of its whole length (prompt + max_tokens) if they fit, taking its shared
+        prefix pages into ``row``'s page table; False (nothing changed) when they do not fit now."""
+        pool = self.pool
+        got = pool.admit(r.prompt, pool.pages_for(len(r.prompt) + r.params.max_tokens))
+        if got is None:
+            return False
+        matched, own = got
+        self._row_pages[row] = list(matched)
+        self._row_promise[row] = own
+        return True
+
+    def _take_pages(self, row: int, count: int) -> None:
+        """Allocates pages for ``row`` until it holds ``count`` (within its promise) and writes its page table."""
+        pages = self._row_pages[row]
+        while len(pages) < count and self._row_promise[row] > 0:
+            pages.append(self.pool.allocate())
+            self._row_promise[row] -= 1
+        self._table[row, : len(pages)] = pages
+
+    def _release_row(self, row: int) -> None:
+        """(lock held or worker thread) Returns ``row``'s pages to the pool; its page table becomes unused."""
+        if self.pool is None:
+            return
+        self.pool.release(self._row_pages[row], self._row_promise[row])
+        self._row_pages[row], self._row_promise[row] = [], 0
+        self._table[row] = self.pool.num_pages
+
+    def _insert_paged(self, ds: DecodeState, row: int, r: Request) -> tuple[DecodeState, int]:
+        """Prefills ``r``'s prompt into its own pages of the pool (after its shared prefix pages, which are not
+        recomputed) through the row's page table, indexes its new full prompt pages, and starts the row.
+        Returns the state and the number of prompt tokens taken from shared pages."""
+        p, n = r.params, len(r.prompt)
+        start = len(self._row_pages[row]) * self.pool.page_size
+        self._take_pages(row, self.pool.pages_for(n))
+        view = ds.cache.replace(
+            page_table=jnp.asarray(self._table[row : row + 1]), lengths=jnp.asarray([start], jnp.int32)
+        )
+        view, logits = prefill_paged(self.engine, view, r.prompt, start)
+        self.pool.register(r.prompt, self._row_pages[row])
+        ds = ds.replace(cache=ds.cache.replace(k_pages=view.k_pages, v_pages=view.v_pages))
+        ds = insert_paged(
+            ds,
+            jnp.int32(row),
+            jnp.int32(n),
+            logits,
+            jnp.int32(p.max_tokens),
+            jnp.float32(p.temperature),
+            jnp.int32(p.top_k),
+            jnp.float32(p.top_p),
+            jnp.float32(p.min_p),
+            self._mode(),
+        )
+        return ds, start
+
+    def _grow_pages(self, ds: DecodeState, emitted: list[int]) -> DecodeState:
+        """Before a dispatch: every running row gets the pages the next ``steps_per_dispatch`` positions cross
+        into (a row at length t writes positions t..t+steps-1), and the device page table is updated."""
+        for row, r in enumerate(self._rows):
+            if r is not None:
+                length = len(r.prompt) + max(emitted[row], 1) - 1
+                self._take_pages(row, self.pool.pages_for(length + self.steps_per_dispatch))
+        return ds.replace(cache=ds.cache.replace(page_table=jnp.asarray(self._table)))
+
     def _drop_cancelled(self) -> None:
         """(lock held) Frees the rows and queue places of cancelled requests."""
         for row, r in enumerate(self._rows):
             if r is not None and r.cancelled:
                 self._rows[row] = None
+                self._release_row(row)
                 self._stats["cancelled"] += 1
                 r._send(Event("done", result=self._result(r, "cancelled")))
         if any(r.cancelled for r in self._waiting):
@@ -576,6 +721,7 @@ class Scheduler:
             reason = "stop" if hit or last in self.stop_ids else "length"
             with self._cond:
                 self._rows[row] = None
+                self._release_row(row)
             self._finish(r, reason)
             done[row] = True
         return ds.replace(done=jnp.asarray(done))
@@ -756,6 +902,179 @@ class PrefixCache:
     def stats(self) -> dict:
         return {
             "pages": self.num_pages,
+            "pages_cached": len(self._key_of),
+            "page_size": self.page_size,
+            "hits": self.hits,
+            "misses": self.misses,
+        }
+
+
+class PagePool:
+    """The host-side allocator of a paged KV cache's page pool, with the prefix cache's index of shared pages.
+
+    Pages are numbered 0..num_pages-1 (the device pool is :func:`llama_jax.kv_cache.init_paged_cache`'s; this
+    class only decides which row holds which page). Design (vLLM's block manager, Kwon et al. 2023, SOSP,
+    section 4.2; SGLang's RadixAttention, Zheng et al. 2024, section 3, for the shared prefix pages):
+
+    * **Admission by reservation.** A request of n prompt tokens and up to ``max_tokens`` new ones will hold at
+      most R = ceil((n + max_tokens) / P) pages; it is admitted (:meth:`admit`) only when the pages it does not
+      share (R minus its prefix-cache hits) fit into the pages free or evictable now, less the pages already
+      promised to the running rows. So a row can always get its next page and never takes another row's: a
+      request that does not fit waits. Pages are still *allocated* one at a time (:meth:`allocate`), when the
+      row's tokens cross a page edge; until then they stay free (or hold evictable prefix pages).
+    * **Reference counts.** Every page a row's page table names holds one reference for that row. A row returns
+      its pages when it ends or is cancelled (:meth:`release`): a page with no reference goes back to the free
+      list, unless it is an indexed prefix page, which stays cached (evictable) until space is needed.
+    * **Prefix pages** (``cache_pages > 0``): the full pages of a prompt are indexed by (parent page, their P
+      token ids) (:meth:`register`), so page i is shared only by prompts whose whole prefix up to it is the same.
+      A later prompt's matching pages (:meth:`admit`) are put into its page table by reference, never copied;
+      they are never written again (a row writes only positions past its prompt's full pages, on its own pages).
+      At most ``cache_pages`` pages are indexed; beyond, and when the free list is empty, the least recently used
+      indexed page with no reference is evicted (with the pages that continue it).
+
+    Used from the scheduler's worker thread only.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, cache_pages: int = 0):
+        if num_pages < 1 or page_size < 1 or cache_pages < 0:
+            raise ValueError(
+                f"num_pages and page_size must be >= 1 and cache_pages >= 0, got {num_pages}, {page_size}, "
+                f"{cache_pages}"
+            )
+        self.num_pages, self.page_size, self.cache_pages = num_pages, page_size, cache_pages
+        self._free = list(range(num_pages))[::-1]
+        self._refs = collections.Counter()
+        self._reserved = 0  # pages promised to admitted rows, not yet allocated
+        self._key_of: dict[int, tuple] = {}  # indexed page -> (parent page or -1, token block)
+        self._page_of: dict[tuple, int] = {}
+        self._children: dict[int, set[int]] = collections.defaultdict(set)
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # indexed pages, oldest first
+        self.hits = self.misses = 0
+
+    def pages_for(self, tokens: int) -> int:
+        """Pages that ``tokens`` positions take: ceil(tokens / P)."""
+        return -(-tokens // self.page_size)
+
+    def _evictable(self) -> int:
+        return sum(1 for page in self._key_of if self._refs[page] == 0)
+
+    def available(self) -> int:
+        """Pages a new request may still be promised: free + evictable - already promised."""
+        return len(self._free) + self._evictable() - self._reserved
+
+    def admit(self, prompt: Sequence[int], total_pages: int) -> tuple[list[int], int] | None:
+        """Admits a request that will hold ``total_pages`` pages: returns (its shared prefix pages, referenced now,
+        and the number of its own pages promised to it), or None when they do not fit now (nothing changes)."""
+        matched = self._match(prompt) if self.cache_pages else []
+        for page in matched:
+            self._refs[page] += 1
+        own = total_pages - len(matched)
+        if own > self.available():
+            for page in matched:
+                self._refs[page] -= 1
+            return None
+        for page in matched:
+            self._lru.move_to_end(page)
+        self._reserved += own
+        if self.cache_pages:
+            self.hits += bool(matched)
+            self.misses += not matched
+        return matched, own
+
+    def allocate(self) -> int:
+        """One promised page for a row (referenced once): a free page, else the least recently used evictable
+        prefix page. Raises RuntimeError if none (admission makes that impossible)."""
+        if not self._free:
+            for page in list(self._lru):
+                if self._refs[page] == 0:
+                    self._evict(page)
+                    break
+        if not self._free or self._reserved < 1:
+            raise RuntimeError("page pool exhausted: a row asked for a page it was not promised")
+        self._reserved -= 1
+        page = self._free.pop()
+        self._refs[page] += 1
+        return page
+
+    def release(self, pages: Sequence[int], unused_promise: int) -> None:
+        """A row ends: drops its reference on each of ``pages`` and the ``unused_promise`` pages it never took."""
+        self._reserved -= unused_promise
+        for page in pages:
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                del self._refs[page]
+                if page not in self._key_of:
+                    self._free.append(page)
+
+    def register(self, prompt: Sequence[int], pages: Sequence[int]) -> None:
+        """Indexes the full pages of ``prompt`` (``pages``: the row's page table, prompt pages first) that are not
+        indexed yet. Stops at a page whose key another page already has (its continuation must hang off the row's
+        own chain) and when the index is full and nothing is evictable."""
+        if not self.cache_pages:
+            return
+        p, parent = self.page_size, -1
+        for i in range(len(prompt) // p):
+            key = (parent, tuple(prompt[i * p : (i + 1) * p]))
+            page = self._page_of.get(key)
+            if page is None:
+                if len(self._key_of) >= self.cache_pages and not self._evict_one():
+                    return
+                page = pages[i]
+                self._key_of[page] = key
+                self._page_of[key] = page
+                self._children[parent].add(page)
+            elif page != pages[i]:
+                return
+            self._lru[page] = None
+            self._lru.move_to_end(page)
+            parent = page
+
+    def _match(self, prompt: Sequence[int]) -> list[int]:
+        """Indexed pages of the longest run of full pages at the start of ``prompt``, leaving >= 1 token to
+        prefill (its logits start decoding)."""
+        p, pages, parent = self.page_size, [], -1
+        for i in range((len(prompt) - 1) // p):
+            page = self._page_of.get((parent, tuple(prompt[i * p : (i + 1) * p])))
+            if page is None:
+                break
+            pages.append(page)
+            parent = page
+        return pages
+
+    def _evict_one(self) -> bool:
+        for page in list(self._lru):
+            if self._refs[page] == 0:
+                self._evict(page)
+                return True
+        return False
+
+    def _evict(self, page: int) -> None:
+        """Drops ``page`` (and the pages continuing it) from the index; those without a reference become free."""
+        for child in list(self._children.pop(page, ())):
+            self._evict(child)
+        key = self._key_of.pop(page)
+        del self._page_of[key]
+        self._children[key[0]].discard(page)
+        self._lru.pop(page, None)
+        if self._refs[page] == 0:
+            self._refs.pop(page, None)
+            self._free.append(page)
+
+    def stats(self) -> dict:
+        """total / free / in use (referenced by a row) / cached (indexed prefix pages) / promised pages."""
+        return {
+            "total": self.num_pages,
+            "free": len(self._free),
+            "in_use": sum(1 for c in self._refs.values() if c > 0),
+            "cached": len(self._key_of),
+            "promised": self._reserved,
+            "page_size": self.page_size,
+        }
+
+    def prefix_stats(self) -> dict:
+        """The prefix cache's figures, as :meth:`PrefixCache.stats`."""
+        return {
+            "pages": self.cache_pages,
             "pages_cached": len(self._key_of),
             "page_size": self.page_size,
             "hits": self.hits,

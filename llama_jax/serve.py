@@ -803,7 +803,20 @@ def _define_flags():
         "Pages of --page_size tokens kept by the prefix cache (full "
         "pages of identical prompt prefixes are computed once); 0 turns it off.",
     )
-    flags.DEFINE_integer("page_size", 16, "Tokens per prefix-cache page.")
+    flags.DEFINE_integer("page_size", 16, "Tokens per page of the paged KV cache and of the prefix cache.")
+    flags.DEFINE_enum(
+        "kv_layout",
+        None,
+        ["paged", "dense"],
+        "KV cache of the running batch: paged (a pool of pages, a page table per row; the default on one device) "
+        "or dense (every row reserves --max_length slots; the default with --mesh).",
+    )
+    flags.DEFINE_integer(
+        "num_pages",
+        None,
+        "Pages in the paged KV cache's pool; default the dense cache's bytes (max_batch x max_length / page_size) "
+        "plus --prefix_cache_pages.",
+    )
     flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds running requests may finish after SIGTERM.")
     flags.DEFINE_bool("warmup", True, "Compile prefill/decode with a 1-token request before listening.")
     flags.DEFINE_string("log_level", "warning", "uvicorn log level.")
@@ -822,8 +835,12 @@ def build(
     warmup: bool = True,
     prefix_cache_pages: int = 256,
     page_size: int = 16,
+    kv_layout: str | None = None,
+    num_pages: int | None = None,
 ):
-    """(scheduler, tokenizer, model name) for a checkpoint (default SmolLM2). Raises ValueError naming the flag."""
+    """(scheduler, tokenizer, model name) for a checkpoint (default SmolLM2). Raises ValueError naming the flag.
+
+    ``kv_layout`` None: "paged" on one device, "dense" with a mesh (the paged pool is single-device)."""
     import jax.numpy as jnp
 
     from llama_jax import checkpoint
@@ -838,6 +855,12 @@ def build(
         raise ValueError(
             f"--prefix_cache_pages must be >= 0 and --page_size >= 1, got {prefix_cache_pages}, {page_size}"
         )
+    if kv_layout not in (None, "paged", "dense"):
+        raise ValueError(f"--kv_layout must be paged or dense, got {kv_layout!r}")
+    if kv_layout == "paged" and mesh:
+        raise ValueError("--kv_layout=paged is single-device for now; use --kv_layout=dense with --mesh")
+    if num_pages is not None and num_pages < 1:
+        raise ValueError(f"--num_pages must be >= 1, got {num_pages}")
     if max_length is not None and max_length < 2:
         raise ValueError(f"--max_length must be >= 2, got {max_length}")
     path = checkpoint_path or default_checkpoint(quiet=True)
@@ -879,9 +902,14 @@ def build(
             stop_ids=sorted(stops),
             prefix_cache_pages=prefix_cache_pages,
             page_size=page_size,
+            kv_layout=kv_layout or ("dense" if mesh_obj is not None else "paged"),
+            num_pages=num_pages,
         )
 
-    scheduler = make()
+    try:
+        scheduler = make()
+    except ValueError as e:
+        raise ValueError(f"--kv_layout: {e}") from None
     if warmup:
         import queue as queue_lib
 
@@ -922,6 +950,8 @@ def main(argv):
             warmup=FLAGS.warmup,
             prefix_cache_pages=FLAGS.prefix_cache_pages,
             page_size=FLAGS.page_size,
+            kv_layout=FLAGS.kv_layout,
+            num_pages=FLAGS.num_pages,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -158,3 +158,181 @@ def test_paged_fits_more_requests_than_dense():
     lengths = [200] * 28 + [3000] * 4
     fit = concurrency_fit(lengths, budget_tokens=16 * 4096, max_length=4096, page_size=16)
     assert fit["dense"] == 16 and fit["paged"] == len(lengths) > fit["dense"]
+
+
+# ------------------------------------------------------------------------------------------- paged running batch
+def test_paged_attend_equals_reference_attention():
+    """attention.paged_attend (online softmax over blocks fetched through page tables) equals the dense oracle
+    over the same keys/values: rows of ragged lengths on pages out of order, an idle row holding no page, and
+    key blocks of one page and of several."""
+    from llama_jax.attention import paged_attend, reference_attention
+
+    rng = np.random.default_rng(1)
+    b, p, m, n_pool, t = 4, 8, 6, 30, 3
+    k_heads, h, n = CONFIG.n_kv_heads, CONFIG.head_dim, CONFIG.n_heads
+    lengths = [45, 9, 20, 0]  # the last row is idle (no pages)
+    pool_k = rng.normal(size=(2, n_pool, p, k_heads, h)).astype(np.float32)
+    pool_v = rng.normal(size=(2, n_pool, p, k_heads, h)).astype(np.float32)
+    table = np.full((b, m), n_pool, np.int32)
+    perm = iter(rng.permutation(n_pool).tolist())
+    for row, length in enumerate(lengths):
+        for j in range(-(-length // p)):
+            table[row, j] = next(perm)
+    q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+    q_pos = np.stack([np.maximum(length - t + np.arange(t), 0) for length in lengths]).astype(np.int32)
+    dense_k = np.stack([pool_k[1, np.minimum(table[r], n_pool - 1)].reshape(m * p, k_heads, h) for r in range(b)])
+    dense_v = np.stack([pool_v[1, np.minimum(table[r], n_pool - 1)].reshape(m * p, k_heads, h) for r in range(b)])
+    mask = np.arange(m * p)[None, None, :] <= q_pos[:, :, None]
+    ref = np.asarray(reference_attention(*map(jnp.asarray, (q, dense_k, dense_v, mask))))
+    for block in (p, 3 * p, 1024):
+        got = jax.jit(paged_attend, static_argnames=("block_size",))(
+            *map(jnp.asarray, (q, pool_k, pool_v, table, q_pos)), layer=jnp.int32(1), block_size=block
+        )
+        # float32 online vs one-pass softmax over <= 48 keys of O(1) scores: a few ulps of O(1) outputs
+        np.testing.assert_allclose(np.asarray(got)[:3], ref[:3], rtol=1e-5, atol=1e-5, err_msg=f"block {block}")
+        assert np.all(np.asarray(got)[3] == 0)  # an idle row attends to nothing
+
+
+def _logprob_tolerance(engine, prompt) -> float:
+    """float32 rounding of log p = logit - logsumexp(logits): twice the logits' bound (tests/numerics.py) at this
+    model's depth and width, relative to max |logit| of the prompt's next-token logits."""
+    from tests.numerics import logits_tolerance
+
+    _, logits = engine.prefill([prompt], engine.new_cache(1, engine.max_length))
+    return 2 * logits_tolerance(np.asarray(logits), engine.config.dim, engine.config.n_layers)
+
+
+def _paged_vs_dense(engine, prompts, max_tokens, max_batch, **kw):
+    out = {}
+    for layout in ("dense", "paged"):
+        with Scheduler(engine, ByteTokenizer(), max_batch=max_batch, stop_ids=(), kv_layout=layout, **kw) as s:
+            out[layout] = _run(s, prompts, max_tokens=max_tokens)
+            out[layout + "_stats"] = s.stats()
+    return out
+
+
+def test_paged_equals_dense_ragged_batch(engine):
+    """A ragged batch (rows of 3..90 prompt tokens that cross page edges while decoding, joining as rows free)
+    gives the same greedy tokens and log-probabilities with the paged KV cache as with the dense one."""
+    prompts = _prompts([5, 40, 14, 3, 29, 90, 17, 63], seed=11)
+    out = _paged_vs_dense(engine, prompts, max_tokens=20, max_batch=3, page_size=8)
+    tol = max(_logprob_tolerance(engine, p) for p in prompts[:2])
+    for d, p in zip(out["dense"], out["paged"], strict=True):
+        assert p.tokens == d.tokens
+        np.testing.assert_allclose(p.logprobs, d.logprobs, rtol=0, atol=tol)
+    pages = out["paged_stats"]["kv_pages"]
+    assert pages["free"] == pages["total"] and pages["in_use"] == pages["promised"] == 0
+
+
+def test_pages_returned_when_requests_end_or_are_cancelled(engine):
+    [p] = _prompts([30], seed=12)
+    with Scheduler(engine, ByteTokenizer(), max_batch=2, stop_ids=(), page_size=16) as s:
+        total = s.stats()["kv_pages"]["total"]
+        assert total == 2 * (MAX_LENGTH // 16)  # the dense cache's bytes
+        q = queue.Queue()
+        r = s.submit(Request(p, SamplingParams(max_tokens=MAX_LENGTH - 30), q.put))
+        assert q.get(timeout=300).kind == "token"
+        held = s.stats()["kv_pages"]
+        # a 30-token prompt holds 2 pages (+1 when decoding crosses position 32), not the 8 of a dense row
+        assert 2 <= held["in_use"] <= 3 and held["free"] == total - held["in_use"]
+        s.cancel(r)
+        while (ev := q.get(timeout=300)).kind == "token":
+            pass
+        assert ev.result.finish_reason == "cancelled"
+        _run(s, _prompts([7, 50], seed=13), max_tokens=10)
+        after = s.stats()["kv_pages"]
+    assert after["free"] == total and after["in_use"] == 0 and after["promised"] == 0
+
+
+def test_prefix_hits_share_pages_by_reference(engine):
+    """Two running requests with the same 40-token prefix hold its 2 full pages once (referenced twice); when
+    they end, the pages stay cached and every other page is free."""
+    [a] = _prompts([40], seed=14)
+    prompts = [a + [1, 2, 3], a + [4, 5]]
+    with Scheduler(engine, ByteTokenizer(), max_batch=2, stop_ids=(), page_size=16, prefix_cache_pages=4) as s:
+        [first] = _run(s, prompts[:1], max_tokens=40)
+        qs = [queue.Queue(), queue.Queue()]
+        for pr, q in zip(prompts, qs, strict=True):
+            s.submit(Request(pr, SamplingParams(max_tokens=40), q.put))
+        assert qs[0].get(timeout=300).kind == qs[1].get(timeout=300).kind == "token"
+        both = s.stats()["kv_pages"]
+        results = []
+        for q in qs:
+            while (ev := q.get(timeout=300)).kind == "token":
+                pass
+            results.append(ev.result)
+        after = s.stats()
+    assert results[0].tokens == first.tokens  # a hit gives the tokens of the miss
+    # unshared, each row would hold ceil(43 / 16) = 3 pages at the start; sharing 2 saves 2
+    assert both["in_use"] <= 2 + 2 * 2 + 2  # shared prefix + own tail pages (+1 each after crossing a page edge)
+    assert after["prefix_cache_hit_tokens"] == 2 * 32
+    pages = after["kv_pages"]
+    assert pages["in_use"] == 0 and pages["free"] + pages["cached"] == pages["total"] and pages["cached"] >= 2
+
+
+def test_request_waits_when_its_pages_are_not_free(engine):
+    """With a pool of 10 pages, two requests of 6 pages each cannot run together: the second waits for the first
+    to end (instead of taking its pages), and both get the tokens they get alone."""
+    a, b = _prompts([60, 55], seed=15)
+    alone = [engine.generate([x], max_new_tokens=30)[0].tokens for x in (a, b)]
+    with Scheduler(engine, ByteTokenizer(), max_batch=2, stop_ids=(), page_size=16, num_pages=10) as s:
+        events = queue.Queue()
+        for i, x in enumerate((a, b)):
+            s.submit(Request(x, SamplingParams(max_tokens=30), lambda e, i=i: events.put((i, e.kind, e.result))))
+        order, results = [], {}
+        while len(results) < 2:
+            i, kind, result = events.get(timeout=300)
+            order.append((i, kind))
+            if kind == "done":
+                results[i] = result
+        stats = s.stats()["kv_pages"]
+    first_of_b = order.index((1, "token"))
+    assert order.index((0, "done")) < first_of_b  # b started only after a returned its pages
+    assert [results[0].tokens, results[1].tokens] == alone
+    assert stats["free"] == stats["total"] == 10
+    small = Scheduler(engine, ByteTokenizer(), max_batch=2, stop_ids=(), page_size=16, num_pages=5)
+    with pytest.raises(ValueError, match=r"needs 6 KV-cache pages .* pool holds 5 \(num_pages\)"):
+        small.check(a, SamplingParams(max_tokens=30))  # 90 tokens: 6 pages can never fit
+
+
+def test_smollm2_paged_equals_dense(smollm2_checkpoint):
+    """SmolLM2-135M-Instruct: a ragged batch of real prompts (one crossing several 16-token pages while decoding,
+    rows joining as others end) gives the same greedy tokens and log-probabilities paged as dense."""
+    from llama_jax import checkpoint
+    from llama_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(checkpoint.tokenizer_dir(smollm2_checkpoint))
+    engine = Engine(checkpoint.load(smollm2_checkpoint), max_length=256, chunk_size=64)
+    texts = [
+        "The capital of France is",
+        "Water freezes at",
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who every morning",
+        "1, 2, 3, 4,",
+        "def fibonacci(n):",
+    ]
+    prompts = [tokenizer.encode(t) for t in texts]
+    out = {}
+    for layout in ("dense", "paged"):
+        with Scheduler(engine, tokenizer, max_batch=3, stop_ids=(), kv_layout=layout, page_size=16) as s:
+            out[layout] = _run(s, prompts, max_tokens=24)
+            out[layout + "_stats"] = s.stats()
+    tol = max(_logprob_tolerance(engine, p) for p in prompts)
+    for d, p in zip(out["dense"], out["paged"], strict=True):
+        assert p.tokens == d.tokens and p.text == d.text
+        np.testing.assert_allclose(p.logprobs, d.logprobs, rtol=0, atol=tol)
+    assert len({tuple(r.tokens) for r in out["paged"]}) == len(prompts)  # real, distinct continuations
+    pages = out["paged_stats"]["kv_pages"]
+    assert pages["free"] == pages["total"] == 3 * 256 // 16
+
+
+def test_paged_requests_do_not_recompile(engine):
+    """The pool and page-table shapes are fixed at startup: requests of other lengths, page counts and rows reuse
+    the compiled decode dispatch and row insert (prefill compiles once per chunk bucket, as dense)."""
+    from llama_jax.engine import insert_paged
+
+    with Scheduler(engine, ByteTokenizer(), max_batch=2, stop_ids=(), page_size=8) as s:
+        _run(s, _prompts([5, 9], seed=20), max_tokens=6)
+        before = engine._decode_steps._cache_size(), insert_paged._cache_size()
+        _run(s, _prompts([3, 14, 11, 7], seed=21), max_tokens=15)  # more pages per row, rows refilled
+        after = engine._decode_steps._cache_size(), insert_paged._cache_size()
+    assert after == before

@@ -488,6 +488,72 @@ def test_disconnected_stream_frees_its_row(server):
     h = _wait_idle(server, timeout=30)
     # freed at the next dispatch, long before its 400 tokens: (a dispatch is a few decode steps)
     assert h["cancelled"] == before + 1 and time.time() - t0 < 30
+    pages = h["kv_pages"]  # and its KV pages are back: none held, all free or kept by the prefix cache
+    assert pages["in_use"] == 0 and pages["promised"] == 0 and pages["free"] + pages["cached"] == pages["total"]
+
+
+def test_paged_equals_dense(server, client, smollm2_checkpoint, scorer, tokenizer):
+    """A server with --kv_layout=dense gives the greedy answers (tokens and log-probabilities) of the default
+    paged one, for concurrent requests of different lengths."""
+    assert _health(server)["kv_pages"]["total"] > 0  # the shared server is paged
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "llama_jax.serve", f"--checkpoint={smollm2_checkpoint}", f"--port={port}"]
+    cmd += [f"--max_batch={MAX_BATCH}", f"--max_length={MAX_LENGTH}", "--kv_layout=dense", "--warmup=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + STARTUP_S
+        while True:
+            assert proc.poll() is None, f"dense server exited with {proc.returncode}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "dense server did not come up"
+            time.sleep(1)
+        assert "kv_pages" not in httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
+        dense = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=REQUEST_S)
+        prompts = ["The capital of France is", "List three fruits: apple,", "Once upon a time, a little fox"]
+
+        def ask(c, prompt):
+            r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, logprobs=1)
+            return r.choices[0].text, r.choices[0].logprobs.token_logprobs
+
+        results = {}
+
+        def run(name, c, prompt):
+            results[name, prompt] = ask(c, prompt)
+
+        threads = [
+            threading.Thread(target=run, args=(n, c, p))
+            for n, c in (("paged", client), ("dense", dense))
+            for p in prompts
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(REQUEST_S)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tests.numerics import logits_tolerance
+
+    model = nnx.merge(scorer.graphdef, scorer.state)
+    for p in prompts:
+        (pt, plp), (dt, dlp) = results["paged", p], results["dense", p]
+        assert pt == dt, (p, pt, dt)
+        # log p = logit - logsumexp(logits): float32 rounding of twice the logits' bound (tests/numerics.py) for
+        # SmolLM2's depth and width, relative to max |logit| over this prompt and answer
+        logits = model(jnp.asarray([tokenizer.encode(p + pt)], jnp.int32))
+        tol = 2 * logits_tolerance(logits, model.config.dim, model.config.n_layers)
+        np.testing.assert_allclose(plp, dlp, rtol=0, atol=tol)
 
 
 def test_queue_full_is_429_with_retry_after(server):
@@ -539,3 +605,23 @@ def test_sigterm_finishes_running_request_and_exits(server):
     t.join(REQUEST_S)
     assert out["r"].status_code == 200 and out["r"].json()["choices"][0]["finish_reason"] == "length"
     assert proc.wait(timeout=120) == 0
+
+
+@pytest.mark.parametrize(
+    "flag, words",
+    [
+        (["--kv_layout=paged", "--mesh=data=1"], "--kv_layout=paged is single-device"),
+        (["--num_pages=0"], "--num_pages must be >= 1"),
+        (["--kv_layout=ragged"], "kv_layout"),
+    ],
+)
+def test_bad_kv_cache_flags(flag, words):
+    r = subprocess.run(
+        [sys.executable, "-m", "llama_jax.serve", "--port=0", *flag],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
