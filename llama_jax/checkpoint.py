@@ -27,11 +27,12 @@ Source: Orbax PyTreeCheckpointHandler (orbax-checkpoint 0.12), tensorstore zarr 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +267,57 @@ def tokenizer_dir(path: str | os.PathLike) -> str | None:
     return d if os.path.isdir(d) and os.listdir(d) else None
 
 
+def _subtree(tree: Mapping, paths: Sequence[tuple]) -> dict:
+    """The nested dict holding only the leaves of ``tree`` at ``paths``."""
+    out: dict = {}
+    for names in paths:
+        src, dst = tree, out
+        for n in names[:-1]:
+            src, dst = src[n], dst.setdefault(n, {})
+        dst[names[-1]] = src[names[-1]]
+    return out
+
+
+def _merge_into(dst: dict, src: Mapping) -> None:
+    for k, v in src.items():
+        if isinstance(v, Mapping):
+            _merge_into(dst.setdefault(k, {}), v)
+        else:
+            dst[k] = v
+
+
+def restore_in_groups(ckptr, params_dir: str, target: Mapping, restore_args: Mapping, itemsize: int) -> dict:
+    """Orbax-restores the nested-dict tree ``target`` (abstract leaves with ``.shape``) a group of arrays at a time.
+
+    One ``PyTreeRestore`` of the whole tree reads every array concurrently, so all of tensorstore's host read
+    buffers exist next to the device arrays they fill: a load peaked at 2.1-2.7x the weight bytes (SmolLM2
+    float32: 1.15-1.43 GB of RSS for 538 MB of weights). Restoring groups of at most
+    max(largest array, total / ``RESTORE_GROUPS``) bytes (``partial_restore``) bounds the host overhead to one
+    group: 870 MB for the same load. At most ``RESTORE_GROUPS`` + 1 restore calls, so a 405B load stays parallel
+    within each group. ``itemsize``: bytes per element of the restored dtype. Raises what Orbax raises.
+    """
+    flat = [(names, math.prod(leaf.shape) * itemsize) for names, leaf in _flatten(target)]
+    budget = max(max((b for _, b in flat), default=0), sum(b for _, b in flat) // RESTORE_GROUPS)
+    groups: list[list[tuple]] = [[]]
+    used = 0
+    for names, nbytes in flat:
+        if groups[-1] and used + nbytes > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(names)
+        used += nbytes
+    restored: dict = {}
+    for paths in groups:
+        args = _orbax().args.PyTreeRestore(
+            item=_subtree(target, paths), restore_args=_subtree(restore_args, paths), partial_restore=True
+        )
+        _merge_into(restored, ckptr.restore(params_dir, args=args))
+    return restored
+
+
+RESTORE_GROUPS = 8
+
+
 def load(
     path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None, rules: Mapping | None = None
 ) -> Llama:
@@ -326,7 +378,7 @@ def load(
     )
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
     with ocp.Checkpointer(handler) as ckptr:
-        restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+        restored = restore_in_groups(ckptr, params_dir, target, restore_args, jnp.dtype(dtype).itemsize)
     nnx.replace_by_pure_dict(abs_params, restored)
     return nnx.merge(graphdef, abs_params, rest)
 
