@@ -1,12 +1,13 @@
-"""XLA's compiled memory estimate of one fine-tuning step (forward, backward, AdamW update), without running it.
+"""Fine-tuning memory: resident memory per phase of a real run, and XLA's compiled estimate of one train step
+(forward, backward, AdamW update) without running it.
 
-    python experiments/finetune_memory.py                                   # SmolLM2-135M, batch 8 x 512
-    python experiments/finetune_memory.py --remat=none --loss_chunk=0       # the old default, for comparison
+    python experiments/finetune_memory.py                                   # SmolLM2-135M, batch 8 x 512, 3 steps
+    python experiments/finetune_memory.py --nophases --remat=none --loss_chunk=0   # old default, estimate only
 
 Parameters, gradients and Adam moments are float32 (as ``llama_jax.train.Trainer`` keeps them); the step is
 lowered on abstract shapes (``jax.ShapeDtypeStruct``, nothing allocated) and compiled for the local backend; the
 table gives XLA's argument (parameters + optimizer state + batch), temporary and total bytes. The real process
-adds the Python/JAX runtime (~0.5 GB) and the host copy of the checkpoint while loading; measure that with::
+adds the Python/JAX runtime (~0.8 GB with the compiled programs); measure the whole program with::
 
     /usr/bin/time -v python experiments/finetune.py --workdir=/tmp/ft_mem --steps=3 --seq_len=512 --batch_size=8 \
         --save_every=100          # "Maximum resident set size"
@@ -163,23 +164,28 @@ def main(argv):
     from llama_jax.logs import quiet_unless_verbose
 
     quiet_unless_verbose()
-    config = checkpoint.read_config(FLAGS.checkpoint or default_checkpoint())
+    ckpt_dir = FLAGS.checkpoint or default_checkpoint()
+    config = checkpoint.read_config(ckpt_dir)
     remat = None if FLAGS.remat == "none" else FLAGS.remat
-    m = step_memory(config, FLAGS.batch_size, FLAGS.seq_len, remat, FLAGS.loss_chunk)
-    print(
-        f"train step, batch {FLAGS.batch_size} x {FLAGS.seq_len}, remat={FLAGS.remat}, loss_chunk={FLAGS.loss_chunk}:"
-    )
-    for k, v in m.items():
-        print(f"  {k:12s} {v / 2**30:7.2f} GiB")
-    if FLAGS.phases:
+    if FLAGS.phases:  # first, so that the table starts from a bare process
         import tempfile
 
         from llama_jax import train
 
         tc = train.TrainConfig(remat=remat, loss_chunk=FLAGS.loss_chunk, total_steps=max(FLAGS.steps, 1))
-        print(f"resident memory of this process after each phase ({FLAGS.steps} steps):")
+        print(
+            f"resident memory after each phase, batch {FLAGS.batch_size} x {FLAGS.seq_len}, {FLAGS.steps} steps "
+            f"(GB = 1e9 bytes):"
+        )
         with tempfile.TemporaryDirectory() as work:
-            phase_rss(FLAGS.checkpoint or default_checkpoint(), FLAGS.batch_size, FLAGS.seq_len, FLAGS.steps, tc, work)
+            phase_rss(ckpt_dir, FLAGS.batch_size, FLAGS.seq_len, FLAGS.steps, tc, work)
+    m = step_memory(config, FLAGS.batch_size, FLAGS.seq_len, remat, FLAGS.loss_chunk)
+    print(
+        f"XLA's estimate of the train step, batch {FLAGS.batch_size} x {FLAGS.seq_len}, remat={FLAGS.remat}, "
+        f"loss_chunk={FLAGS.loss_chunk}:"
+    )
+    for k, v in m.items():
+        print(f"  {k:12s} {v / 2**30:7.2f} GiB")
     return 0
 
 
