@@ -406,6 +406,7 @@ class Trainer:
         self.state = {"params": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": key}
         if mesh is not None:
             self.state = jax.device_put(self.state, self.state_shardings)
+        self._compiled = None  # (batch shapes, jax.stages.Compiled) from compile_step
         self._build_step()
 
     # -------------------------------------------------------------- the step
@@ -509,7 +510,7 @@ class Trainer:
         The previous train state's buffers are donated to the step (deleted after it): hold no references to
         ``trainer.state`` arrays across a step."""
         batch = self._put_batch(batch)
-        compiled = getattr(self, "_compiled", None)
+        compiled = self._compiled
         step = compiled[1] if compiled is not None and compiled[0] == self._shapes(batch) else self._step
         self.state, metrics = step(self.state, self.base, batch)
         return {k: float(v) for k, v in metrics.items()}
