@@ -124,8 +124,9 @@ def online_softmax(
     outside the loop, to [B, K, G, T, H], and each block to [B, K, C, H], so a block's score dot is one
     [G*T, H] x [H, C] matmul per KV head with the contracted axis last on both sides and its [G*T, C] output already
     in the order the softmax reduces over; the softmax scale 1/sqrt(H) is applied inside the exp (m is kept in
-    unscaled units); int8 blocks are dequantized (C x H per KV head, not G*T x C scores); and the running sum comes
-    out of the P.V dot through a column of ones appended to the value block, so the score tile is not read again.
+    unscaled units); for float blocks the running sum comes out of the P.V dot through a column of ones appended to
+    the value block, so the score tile is not read again (int8 blocks keep their scales on the scores and the
+    probabilities, as before: greedy tokens of an int8 cache are sensitive to that rounding order).
     """
     b, t, n, h = q.shape
     kh = n_kv_heads
@@ -134,20 +135,14 @@ def online_softmax(
     qk = jnp.transpose(q.reshape(b, t, kh, g, h), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
     scale = jnp.float32(h**-0.5)
 
-    def blocks(i):
-        k, v, k_scale, v_scale = fetch(i)  # [B, C, K, H], scales [B, C, K]
-        if k_scale is not None:
-            k = k.astype(jnp.float32) * k_scale[..., None]
-            v = v.astype(jnp.float32) * v_scale[..., None]
-        kt = jnp.transpose(k.astype(dtype), (0, 2, 1, 3))  # [B, K, C, H]
-        vt = jnp.transpose(v.astype(dtype), (0, 2, 1, 3))  # [B, K, C, H]
-        ones = jnp.ones(vt.shape[:-1] + (1,), dtype)
-        return kt, jnp.concatenate([vt, ones], axis=-1)  # [B, K, C, H], [B, K, C, H + 1]
-
     def update(i, carry, masked):
         m, l_sum, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
-        kt, v1 = blocks(i)
+        k, v, k_scale, v_scale = fetch(i)  # [B, C, K, H], scales [B, C, K]
+        kt = jnp.transpose(k.astype(dtype), (0, 2, 1, 3))  # [B, K, C, H]
+        vt = jnp.transpose(v.astype(dtype), (0, 2, 1, 3))  # [B, K, C, H]
         s = jnp.einsum("BKGTH,BKCH->BKGTC", qk, kt, preferred_element_type=jnp.float32)  # unscaled [B, K, G, T, C]
+        if k_scale is not None:
+            s = s * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, None, :]
         if masked:
             mask = mask_block(i)[:, None, None]  # [B, 1, 1, T, C]
             s = jnp.where(mask, s, _NEG)
@@ -156,6 +151,12 @@ def online_softmax(
         if masked:
             p = jnp.where(mask, p, 0.0)
         corr = jnp.exp((m - m_new) * scale)
+        if v_scale is not None:  # int8 values: scales on the probabilities, the row sum on its own
+            l_sum = l_sum * corr + jnp.sum(p, axis=-1)
+            p = p * jnp.transpose(v_scale, (0, 2, 1))[:, :, None, None, :]
+            pv = jnp.einsum("BKGTC,BKCH->BKGTH", p.astype(dtype), vt, preferred_element_type=jnp.float32)
+            return m_new, l_sum, acc * corr[..., None] + pv
+        v1 = jnp.concatenate([vt, jnp.ones(vt.shape[:-1] + (1,), dtype)], axis=-1)  # [B, K, C, H + 1]
         pv = jnp.einsum("BKGTC,BKCH->BKGTH", p.astype(dtype), v1, preferred_element_type=jnp.float32)
         return m_new, l_sum * corr + pv[..., h], acc * corr[..., None] + pv[..., :h]
 
