@@ -47,6 +47,9 @@ DEFAULT_BLOCK = 512
 #: dominates a 1-query tile; measured on XLA:CPU, a 32K-slot decode read is ~2.5x faster with 2048 than 512).
 DECODE_BLOCK = 2048
 _NEG = float(jnp.finfo(jnp.float32).min)
+#: query chunks longer than this take the softmax's row sum from a ones column of the P.V dot (one pass less over
+#: the [G*T, C] probabilities); decode-sized chunks sum directly (their probability tile is small).
+ONES_COLUMN_MIN_T = 16
 
 
 # ------------------------------------------------------------------------------------------- oracle
@@ -93,7 +96,14 @@ def dense_mask(
 
 # ------------------------------------------------------------------------------------------- block loop
 def online_softmax(
-    q: jax.Array, fetch: Callable, mask_block: Callable, num_blocks, *, n_kv_heads: int, skip: Callable | None = None
+    q: jax.Array,
+    fetch: Callable,
+    mask_block: Callable,
+    num_blocks,
+    *,
+    n_kv_heads: int,
+    skip: Callable | None = None,
+    unmasked=None,
 ) -> jax.Array:
     """Attention of ``q`` over key/value blocks 0..num_blocks-1 with an online (streaming) softmax.
 
@@ -106,50 +116,77 @@ def online_softmax(
         trip count: a while loop, forward only).
       n_kv_heads: K.
       skip: optional ``skip(i) -> bool scalar``: block i is fully masked; it is not computed (``lax.cond``).
+      unmasked: optional number of leading blocks (Python int or int32 scalar, <= num_blocks) that every query
+        sees whole: blocks 0..unmasked-1 run in a loop of their own without ``mask_block`` (and without ``skip``),
+        so they cost two dots, a row max and one exp per score; the rest run masked.
 
     Returns:
       [B, T, N, H] in q's dtype; scores, running max, running sum and the accumulator in float32.
+
+    Layout (XLA:CPU, measured: 4-5x faster than scores in [B, T, K, G, S] order): the queries are transposed once,
+    outside the loop, to [B, K, G, T, H], and each block to [B, K, C, H], so a block's score dot is one
+    [G*T, H] x [H, C] matmul per KV head with the contracted axis last on both sides and its [G*T, C] output already
+    in the order the softmax reduces over; the softmax scale 1/sqrt(H) is applied inside the exp (m is kept in
+    unscaled units); for float blocks of chunks longer than :data:`ONES_COLUMN_MIN_T` the running sum comes out of
+    the P.V dot through a column of ones appended to the value block, so the score tile is not read again (int8
+    blocks keep their scales on the scores and the probabilities, as before: greedy tokens of an int8 cache are
+    sensitive to that rounding order). Key block: :data:`DEFAULT_BLOCK` (512) for prefill chunks; measured at
+    chunk 512 against 8K-16K caches (head dims 32 and 64), 256 is as fast and 1024 is 10-25% slower.
     """
     b, t, n, h = q.shape
     kh = n_kv_heads
     g = n // kh
-    qg = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]
+    dtype = q.dtype
+    qk = jnp.transpose(q.reshape(b, t, kh, g, h), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
     scale = jnp.float32(h**-0.5)
 
-    def update(i, carry):
+    def update(i, carry, masked):
         m, l_sum, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
-        k, v, k_scale, v_scale = fetch(i)
-        s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        k, v, k_scale, v_scale = fetch(i)  # [B, C, K, H], scales [B, C, K]
+        kt = jnp.transpose(k.astype(dtype), (0, 2, 1, 3))  # [B, K, C, H]
+        vt = jnp.transpose(v.astype(dtype), (0, 2, 1, 3))  # [B, K, C, H]
+        s = jnp.einsum("BKGTH,BKCH->BKGTC", qk, kt, preferred_element_type=jnp.float32)  # unscaled [B, K, G, T, C]
         if k_scale is not None:
             s = s * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, None, :]
-        s = s * scale  # [B, K, G, T, C]
-        mask = mask_block(i)[:, None, None]  # [B, 1, 1, T, C]
-        s = jnp.where(mask, s, _NEG)
+        if masked:
+            mask = mask_block(i)[:, None, None]  # [B, 1, 1, T, C]
+            s = jnp.where(mask, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # [B, K, G, T, C]
-        corr = jnp.exp(m - m_new)
-        l_sum = l_sum * corr + jnp.sum(p, axis=-1)
-        if v_scale is not None:
-            p = p * jnp.transpose(v_scale, (0, 2, 1))[:, :, None, None, :]
-        pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(q.dtype), v.astype(q.dtype), preferred_element_type=jnp.float32)
-        return m_new, l_sum, acc * corr[..., None] + pv
+        p = jnp.exp((s - m_new[..., None]) * scale)  # [B, K, G, T, C]
+        if masked:
+            p = jnp.where(mask, p, 0.0)
+        corr = jnp.exp((m - m_new) * scale)
+        if v_scale is not None or t <= ONES_COLUMN_MIN_T:  # int8 values: scales on the probabilities
+            l_sum = l_sum * corr + jnp.sum(p, axis=-1)
+            if v_scale is not None:
+                p = p * jnp.transpose(v_scale, (0, 2, 1))[:, :, None, None, :]
+            pv = jnp.einsum("BKGTC,BKCH->BKGTH", p.astype(dtype), vt, preferred_element_type=jnp.float32)
+            return m_new, l_sum, acc * corr[..., None] + pv
+        v1 = jnp.concatenate([vt, jnp.ones(vt.shape[:-1] + (1,), dtype)], axis=-1)  # [B, K, C, H + 1]
+        pv = jnp.einsum("BKGTC,BKCH->BKGTH", p.astype(dtype), v1, preferred_element_type=jnp.float32)
+        return m_new, l_sum * corr + pv[..., h], acc * corr[..., None] + pv[..., :h]
 
     def body(i, carry):
         if skip is None:
-            return update(i, carry)
-        return jax.lax.cond(skip(i), lambda c: c, lambda c: update(i, c), carry)
+            return update(i, carry, True)
+        return jax.lax.cond(skip(i), lambda c: c, lambda c: update(i, c, True), carry)
 
-    init = (
+    carry = (
         jnp.full((b, kh, g, t), _NEG, jnp.float32),
         jnp.zeros((b, kh, g, t), jnp.float32),
         jnp.zeros((b, kh, g, t, h), jnp.float32),
     )
-    if isinstance(num_blocks, int) and num_blocks == 1 and skip is None:
-        m, l_sum, acc = update(0, init)
+    first = 0
+    if unmasked is not None:
+        carry = jax.lax.fori_loop(0, unmasked, lambda i, c: update(i, c, False), carry)
+        first = unmasked
+    if isinstance(num_blocks, int) and num_blocks == 1 and skip is None and unmasked is None:
+        carry = update(0, carry, True)
     else:
-        m, l_sum, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+        carry = jax.lax.fori_loop(first, num_blocks, body, carry)
+    m, l_sum, acc = carry
     out = acc / jnp.maximum(l_sum, jnp.finfo(jnp.float32).tiny)[..., None]  # [B, K, G, T, H]
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(dtype)
 
 
 def _slice(x, layer, start, size):
@@ -182,7 +219,9 @@ def _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block):
         ok = (slots[None, None, :] <= q_positions[:, :, None]) & (slots >= i * c)[None, None, :]
         return ok  # [B, T, C]
 
-    return online_softmax(q, fetch, mask_block, needed, n_kv_heads=k.shape[-2])
+    # blocks every query sees whole (all their slots <= the smallest query position): no mask
+    unmasked = jnp.clip((jnp.min(q_positions) + 1) // c, 0, needed).astype(jnp.int32)
+    return online_softmax(q, fetch, mask_block, needed, n_kv_heads=k.shape[-2], unmasked=unmasked)
 
 
 def _blockwise_self(q, k, v, q_positions, segment_ids, block):
