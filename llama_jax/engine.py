@@ -211,11 +211,20 @@ def _insert_row(
         if getattr(ds.cache, name) is not None
     }
     lengths = ds.cache.lengths.at[row].set(cache.lengths[0])
+    new_cache = ds.cache.replace(lengths=lengths, **slots)
+    return _start_row(ds, row, new_cache, logits, max_new, temperature, top_k, top_p, min_p, mode)
+
+
+def _start_row(ds, row, new_cache, logits, max_new, temperature, top_k, top_p, min_p, mode) -> DecodeState:
+    """``ds`` with cache ``new_cache`` and row ``row`` restarted: outputs cleared, settings set (scalars), and its
+    first token sampled from float32 ``logits`` [1, V] (other rows unchanged). Shared by the dense and paged
+    row inserts."""
+    m = ds.tokens.shape[1]
     one = DecodeState(
-        cache=cache,
+        cache=None,
         last_token=jnp.zeros((1,), jnp.int32),
-        tokens=jnp.zeros((1, ds.tokens.shape[1]), jnp.int32),
-        logprobs=jnp.zeros((1, ds.tokens.shape[1]), jnp.float32),
+        tokens=jnp.zeros((1, m), jnp.int32),
+        logprobs=jnp.zeros((1, m), jnp.float32),
         num_generated=jnp.zeros((1,), jnp.int32),
         done=jnp.zeros((1,), bool),
         max_new=max_new[None],
@@ -230,19 +239,23 @@ def _insert_row(
     one = _emit(one, logits, mode)
     put = lambda full, part: full.at[row].set(part[0])  # noqa: E731
     return ds.replace(
-        cache=ds.cache.replace(lengths=lengths, **slots),
-        last_token=put(ds.last_token, one.last_token),
-        tokens=put(ds.tokens, one.tokens),
-        logprobs=put(ds.logprobs, one.logprobs),
-        num_generated=put(ds.num_generated, one.num_generated),
-        done=put(ds.done, one.done),
-        max_new=put(ds.max_new, one.max_new),
-        temperature=put(ds.temperature, one.temperature),
-        top_k=put(ds.top_k, one.top_k),
-        top_p=put(ds.top_p, one.top_p),
-        min_p=put(ds.min_p, one.min_p),
-        key=one.key,
+        cache=new_cache, key=one.key, **{name: put(getattr(ds, name), getattr(one, name)) for name in _ROW_FIELDS}
     )
+
+
+#: DecodeState fields with a batch-row axis that :func:`_start_row` resets for a new request.
+_ROW_FIELDS = (
+    "last_token",
+    "tokens",
+    "logprobs",
+    "num_generated",
+    "done",
+    "max_new",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+)
 
 
 #: KVCache fields with a slot axis (axis 2): K/V [L, B, S, K, H] and the int8 scales [L, B, S, K].
@@ -805,33 +818,8 @@ def _insert_row_paged(
     """Starts row ``row`` of a state whose cache is a ``PagedKVCache`` and whose pages already hold the row's
     prompt (prefilled through the row's page table, nothing to copy): sets its length to ``length``, resets its
     outputs and settings, and samples its first token from float32 ``logits`` [1, V] (other rows unchanged)."""
-    m = ds.tokens.shape[1]
-    one = DecodeState(
-        cache=None,
-        last_token=jnp.zeros((1,), jnp.int32),
-        tokens=jnp.zeros((1, m), jnp.int32),
-        logprobs=jnp.zeros((1, m), jnp.float32),
-        num_generated=jnp.zeros((1,), jnp.int32),
-        done=jnp.zeros((1,), bool),
-        max_new=max_new[None],
-        stop_ids=ds.stop_ids,
-        temperature=temperature[None],
-        top_k=top_k[None],
-        top_p=top_p[None],
-        min_p=min_p[None],
-        key=ds.key,
-        step=ds.step,
-    )
-    one = _emit(one, logits, mode)
-    put = lambda full, part: full.at[row].set(part[0])  # noqa: E731
-    names = ("last_token", "tokens", "logprobs", "num_generated", "done", "max_new", "temperature", "top_k")
-    return ds.replace(
-        cache=ds.cache.replace(lengths=ds.cache.lengths.at[row].set(length)),
-        top_p=put(ds.top_p, one.top_p),
-        min_p=put(ds.min_p, one.min_p),
-        key=one.key,
-        **{name: put(getattr(ds, name), getattr(one, name)) for name in names},
-    )
+    new_cache = ds.cache.replace(lengths=ds.cache.lengths.at[row].set(length))
+    return _start_row(ds, row, new_cache, logits, max_new, temperature, top_k, top_p, min_p, mode)
 
 
 #: :func:`_insert_row_paged` jitted (``ds`` donated, ``mode`` static).
