@@ -619,8 +619,12 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, damage, capsys):
     if damage == "empty_metadata":
         (state / "_METADATA").write_text("")
     else:
+        # array data: chunk files of plain zarr arrays (a directory with .zarray), or OCDBT's d/ files
         files = [
-            os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs if os.sep + "d" + os.sep in os.path.join(r, f)
+            os.path.join(r, f)
+            for r, _, fs in os.walk(state)
+            for f in fs
+            if (".zarray" in fs and not f.startswith(".")) or os.sep + "d" + os.sep in os.path.join(r, f)
         ]
         biggest = max(files, key=os.path.getsize)
         os.truncate(biggest, os.path.getsize(biggest) // 2)
