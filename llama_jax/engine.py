@@ -59,7 +59,9 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     if jax.config.jax_compilation_cache_dir != path:
         os.makedirs(path, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        # every program, however fast it compiled: a time threshold makes what is cached depend on how loaded the
+        # machine was (a program compiled in 0.19 s by one run and 0.21 s by the next is written only the second time)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
 

@@ -34,4 +34,7 @@ def test_second_run_reuses_compiled_programs(tmp_path):
     tokens2, hits2, entries2 = _run(cache)
     assert tokens2 == tokens1
     assert entries2 == entries1, "the second run compiled programs the first had not cached"
-    assert hits2 >= len([e for e in entries1 if not e.endswith("-atime")]) > 0 and hits1 == 0
+    # every program of run 2 comes from the cache; run 1 hits only programs it compiled twice itself (two jit
+    # wrappers of the same computation), since every program is cached however fast it compiled
+    programs = len([e for e in entries1 if not e.endswith("-atime")])
+    assert hits2 >= programs > hits1
