@@ -186,6 +186,17 @@ class Request:
             self.cancelled = True
 
 
+def _row_settings(p: SamplingParams) -> tuple:
+    """A request's per-row device arguments for a row insert: max_tokens, temperature, top_k, top_p, min_p."""
+    return (
+        jnp.int32(p.max_tokens),
+        jnp.float32(p.temperature),
+        jnp.int32(p.top_k),
+        jnp.float32(p.top_p),
+        jnp.float32(p.min_p),
+    )
+
+
 class Scheduler:
     """Owns ``engine`` in one worker thread; requests join its running batch as rows free up.
 
@@ -592,11 +603,7 @@ class Scheduler:
             jnp.int32(row),
             cache,
             logits,
-            jnp.int32(p.max_tokens),
-            jnp.float32(p.temperature),
-            jnp.int32(p.top_k),
-            jnp.float32(p.top_p),
-            jnp.float32(p.min_p),
+            *_row_settings(p),
             self._mode(),
         )
         return ds, start
@@ -648,11 +655,7 @@ class Scheduler:
             jnp.int32(row),
             jnp.int32(n),
             logits,
-            jnp.int32(p.max_tokens),
-            jnp.float32(p.temperature),
-            jnp.int32(p.top_k),
-            jnp.float32(p.top_p),
-            jnp.float32(p.min_p),
+            *_row_settings(p),
             self._mode(),
         )
         return ds, start
