@@ -72,6 +72,10 @@ def weight_storage_dtype(model: Llama) -> jnp.dtype:
     return jnp.dtype(jnp.int8) if hasattr(value, "q") else jnp.dtype(value.dtype)
 
 
+#: XLA options of a decode loop over bfloat16/int8 weights on CPU (see :func:`decode_layout`).
+NO_HOISTED_WEIGHT_CASTS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
 def decode_layout(weight_dtype=jnp.float32, backend: str | None = None) -> dict:
     """The parameter layout the engine decodes with, for weights stored as ``weight_dtype`` on ``backend``
     (default: JAX's default backend).
@@ -84,12 +88,21 @@ def decode_layout(weight_dtype=jnp.float32, backend: str | None = None) -> dict:
       matrix-vector product as stored; "in_out" makes it write a float32 copy of every weight first (measured
       13x slower). float32 weights stay "in_out": there XLA:CPU's own float32 matrix-vector product is faster
       than the fused loop it emits for "out_in" (measured 1.5x on SmolLM2-shaped weights).
-    * other backends: ``{"unstack": False, "weight_layout": "in_out"}`` (scanned layers; today's layout).
+      bfloat16 and int8 weights also compile the decode loops without XLA's while-loop invariant code motion
+      (``compiler_options``): the cast of a weight to the compute dtype does not change from step to step, so that
+      pass hoists it out of ``Engine.loop`` / ``Engine.steps`` and writes a float32 copy of every weight before the
+      loop (the whole model, once per call), and the loop then reads the copy, at float32 cost. Measured on
+      SmolLM2-135M, batch 1: int8 decode 30 -> 46 tok/s, bf16 27 -> 37 tok/s.
+    * other backends: ``{"unstack": False, "weight_layout": "in_out", "compiler_options": {}}`` (scanned layers).
+
+    Returns a dict: ``unstack`` (bool), ``weight_layout`` ("in_out" or "out_in"), ``compiler_options`` (the XLA
+    options of the jitted decode loops, a dict for ``jax.jit(..., compiler_options=...)``).
     """
     if (backend or jax.default_backend()) == "cpu":
-        f32 = jnp.dtype(weight_dtype) == jnp.float32
-        return {"unstack": True, "weight_layout": "in_out" if f32 else "out_in"}
-    return {"unstack": False, "weight_layout": "in_out"}
+        if jnp.dtype(weight_dtype) == jnp.float32:
+            return {"unstack": True, "weight_layout": "in_out", "compiler_options": {}}
+        return {"unstack": True, "weight_layout": "out_in", "compiler_options": dict(NO_HOISTED_WEIGHT_CASTS)}
+    return {"unstack": False, "weight_layout": "in_out", "compiler_options": {}}
 
 
 def bucket_length(n: int, maximum: int, minimum: int = MIN_BUCKET) -> int:
@@ -350,11 +363,18 @@ class Engine:
             return jax.lax.fori_loop(0, n, lambda _, s: decode_step(params, s, mode), ds)
 
         self._prefill_chunk = jax.jit(prefill_chunk, donate_argnames=("cache", "last_logits"))
-        self._decode_steps = jax.jit(decode_steps, donate_argnames=("ds",), static_argnames=("mode", "n"))
+        #: XLA options of the programs that loop over decode steps (see :func:`decode_layout`).
+        self.loop_compiler_options = layout["compiler_options"]
+        loop_options = self.loop_compiler_options or None
+        self._decode_steps = jax.jit(
+            decode_steps, donate_argnames=("ds",), static_argnames=("mode", "n"), compiler_options=loop_options
+        )
         self._insert = jax.jit(_insert_row, donate_argnames=("ds",), static_argnames=("mode",))
         self._first = jax.jit(_emit, donate_argnames=("ds",), static_argnames=("mode",))
         self._decode_step = jax.jit(decode_step, donate_argnames=("ds",), static_argnames=("mode",))
-        self._decode_loop = jax.jit(decode_loop, donate_argnames=("ds",), static_argnames=("mode",))
+        self._decode_loop = jax.jit(
+            decode_loop, donate_argnames=("ds",), static_argnames=("mode",), compiler_options=loop_options
+        )
 
     # ------------------------------------------------------------------ pieces
     def new_cache(self, batch_size: int, length: int) -> KVCache:

@@ -127,6 +127,7 @@ class DraftModel:
                 partial(_draft_propose, self._engine.graphdef),
                 donate_argnames=("cache",),
                 static_argnames=("mode", "k"),
+                compiler_options=self._engine.loop_compiler_options or None,  # a loop of k+1 draft steps
             )
         return self._engine
 

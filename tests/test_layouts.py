@@ -94,10 +94,15 @@ def test_layout_errors_and_checkpoint_form(tmp_path):
 
 
 def test_decode_layout_is_chosen_per_backend_and_dtype():
-    assert decode_layout(jnp.float32, "cpu") == {"unstack": True, "weight_layout": "in_out"}
+    assert decode_layout(jnp.float32, "cpu") == {"unstack": True, "weight_layout": "in_out", "compiler_options": {}}
     for dt in (jnp.bfloat16, jnp.int8):
-        assert decode_layout(dt, "cpu") == {"unstack": True, "weight_layout": "out_in"}
-        assert decode_layout(dt, "gpu") == decode_layout(dt, "tpu") == {"unstack": False, "weight_layout": "in_out"}
+        assert decode_layout(dt, "cpu") == {
+            "unstack": True,
+            "weight_layout": "out_in",
+            "compiler_options": {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"},
+        }
+        other = {"unstack": False, "weight_layout": "in_out", "compiler_options": {}}
+        assert decode_layout(dt, "gpu") == decode_layout(dt, "tpu") == other
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -153,18 +158,29 @@ def test_cpu_decode_step_reads_weights_as_stored(dtype):
         tie_word_embeddings=True,
     )
 
-    def hlo(engine):
+    def hlo(engine, program="step", compiler_options=None):
         ds = engine.start([[1, 2, 3]], max_new_tokens=4)
-        return engine._decode_step.lower(engine.params, ds, SamplingMode()).compile().as_text()
+        if program == "step":
+            lowered = engine._decode_step.lower(engine.params, ds, SamplingMode())
+        elif program == "loop":  # Engine.loop: a while loop over steps, where a weight cast is loop-invariant
+            lowered = engine._decode_loop.lower(engine.params, ds, SamplingMode())
+        else:  # Engine.steps
+            lowered = engine._decode_steps.lower(engine.params, ds, SamplingMode(), 3)
+        return lowered.compile(compiler_options).as_text() if compiler_options else lowered.compile().as_text()
 
     model = _model(dtype, cfg)
     per_layer = {int(np.prod(w.shape)) // cfg.n_layers for _, w in model._matmul_params()}  # stacked [L, ...]
     sizes = per_layer | {cfg.n_layers * s for s in per_layer} | {cfg.vocab_size * cfg.dim}
-    fast = _big_outputs(hlo(Engine(model, max_length=64)), sizes)
-    assert not fast, "\n".join(fast)
+    fast_engine = Engine(model, max_length=64)
+    for program in ("step", "loop", "steps"):
+        fast = _big_outputs(hlo(fast_engine, program), sizes)
+        assert not fast, f"{program}:\n" + "\n".join(fast)
     twin = _big_outputs(hlo(Engine(_model(dtype, cfg), max_length=64, unstack=False, weight_layout="in_out")), sizes)
     if dtype != "float32":
         assert twin, "the naive twin should copy its bf16/int8 weights to float (the check would be blind)"
+        # and the loop check sees a cast hoisted out of the loop: XLA's default pipeline writes the copies
+        hoisted = _big_outputs(hlo(fast_engine, "loop", {"xla_disable_hlo_passes": ""}), sizes)
+        assert hoisted, "with loop-invariant code motion on, the decode loop should hoist float weight copies"
 
 
 # ------------------------------------------------------------------------------------------------ SmolLM2
