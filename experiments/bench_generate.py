@@ -161,16 +161,16 @@ def worker_ours(precision, prompt, new_tokens, batches, repeats):
     prefill_lengths, decode_after = long_lengths()
     engine = Engine(model, max_length=LONG_CTX if prefill_lengths or decode_after else 2048)
     out = {"weight_bytes": weight_bytes}
+
+    def prefill():
+        cache = engine.new_cache(1, CACHE_LEN)
+        out["kv_bytes"] = cache.nbytes()
+        _, logits = engine.prefill([prompt], cache)
+        logits.block_until_ready()
+
+    prefill()
+    out["prefill"] = len(prompt) / median_time(prefill, repeats)
     if precision == "float32":
-
-        def prefill():
-            cache = engine.new_cache(1, CACHE_LEN)
-            out["kv_bytes"] = cache.nbytes()
-            _, logits = engine.prefill([prompt], cache)
-            logits.block_until_ready()
-
-        prefill()
-        out["prefill"] = len(prompt) / median_time(prefill, repeats)
         for n in prefill_lengths:
             long, slots = long_prompt(n), min(cache_slots(n), LONG_CTX)
 
@@ -192,7 +192,7 @@ def worker_ours(precision, prompt, new_tokens, batches, repeats):
 
             decode_long()
             out["decode_long"] = (new_tokens - 1) / statistics.median(decode_long() for _ in range(repeats))
-    for b in batches if precision == "float32" else [1]:
+    for b in batches:
         prompts = [prompt[:SHORT]] * b
 
         def decode(prompts=prompts):
@@ -223,14 +223,14 @@ def worker_llamacpp(precision, prompt, new_tokens, batches, repeats, gguf_path):
         verbose=False,
     )
     out = {"weight_bytes": os.path.getsize(gguf_path)}
+
+    def prefill():
+        llm.reset()
+        llm.eval(prompt)
+
+    prefill()
+    out["prefill"] = len(prompt) / median_time(prefill, repeats)
     if precision == "F32":
-
-        def prefill():
-            llm.reset()
-            llm.eval(prompt)
-
-        prefill()
-        out["prefill"] = len(prompt) / median_time(prefill, repeats)
         prefill_lengths, decode_after = long_lengths()
         if prefill_lengths or decode_after:
             long_llm = llama_cpp.Llama(
@@ -432,6 +432,17 @@ def main(argv):
             None,
         )
     ]
+    for p, c in (("bfloat16", None), ("int8", "Q8_0")):
+        rows.append(
+            (
+                f"prefill tok/s ({FLAGS.prompt_tokens}-token prompt), {p}",
+                get(ours, p, "prefill"),
+                get(cpp, c, "prefill") if c else None,
+                None,
+                get(cpp, c, "prefill") if c else get(f32, "prefill"),
+                None,
+            )
+        )
     for n in prefill_lengths:
         rows.append(
             (
@@ -478,6 +489,17 @@ def main(argv):
                 None,
             )
         )
+        for p in ("bfloat16", "int8"):
+            rows.append(
+                (
+                    f"decode tok/s, batch {big}, {p}",
+                    get(ours, p, f"decode_b{big}"),
+                    None,
+                    None,
+                    get(f32, f"decode_b{big}"),
+                    None,
+                )
+            )
     mb = 1e6
     rss_limit = (get(f32, "weight_bytes") or 0) + (get(f32, "kv_bytes") or 0)
     rows.append(
@@ -506,7 +528,8 @@ def main(argv):
         print(f"| {label:40} | {fmt(o):>9} | {fmt(c):>9} | {fmt(h):>12} | {ratio:>6} | {fmt(lim):>7} |")
     print(
         "\nratio: llama-jax / llama.cpp at the same precision (F32, Q8_0); bfloat16: / llama-jax float32; "
-        f"batch {big}: / transformers; RSS: / llama.cpp F32 (lower is better). limit: decode tok/s at the read "
+        f"batch {big}: float32 / transformers, bfloat16 and int8 / llama-jax float32; RSS: / llama.cpp F32 (lower "
+        "is better). limit: decode tok/s at the read "
         "bandwidth (weight bytes per token), RSS: weight + KV cache bytes."
     )
 

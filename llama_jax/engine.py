@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import sampling
-from llama_jax.kv_cache import KVCache, init_cache
+from llama_jax.kv_cache import KVCache, init_cache, scatter_set
 from llama_jax.model import Llama
 
 #: Stop ids of Llama 3.1 instruct models: end_of_text, eom_id, eot_id.
@@ -221,7 +221,7 @@ def _insert_row(
     of ``ds``: K/V of every layer and the length are copied, the row's outputs and settings reset, and its first
     token sampled (other rows unchanged)."""
     slots = {
-        name: getattr(ds.cache, name).at[:, row].set(getattr(cache, name)[:, 0].astype(getattr(ds.cache, name).dtype))
+        name: scatter_set(getattr(ds.cache, name), (slice(None), row), getattr(cache, name)[:, 0])
         for name in _SLOT_ARRAYS
         if getattr(ds.cache, name) is not None
     }

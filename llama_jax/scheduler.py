@@ -73,7 +73,7 @@ from llama_jax.engine import (
     new_paged_cache,
     prefill_paged,
 )
-from llama_jax.kv_cache import KVCache, gather_pages, init_paged_cache
+from llama_jax.kv_cache import KVCache, gather_pages, init_paged_cache, scatter_set
 
 #: Largest number of top log-probability alternatives a request may ask for (OpenAI's completions limit is 5,
 #: chat's top_logprobs 20).
@@ -819,8 +819,8 @@ class PrefixCache:
             kb = cache.k[:, 0, :s].reshape(cache.k.shape[0], -1, p, *cache.k.shape[3:])  # [L, S/P, P, K, H]
             vb = cache.v[:, 0, :s].reshape(cache.v.shape[0], -1, p, *cache.v.shape[3:])
             return (
-                k_pages.at[:, dest].set(kb[:, src].astype(k_pages.dtype), mode="drop"),
-                v_pages.at[:, dest].set(vb[:, src].astype(v_pages.dtype), mode="drop"),
+                scatter_set(k_pages, (slice(None), dest), kb[:, src]),
+                scatter_set(v_pages, (slice(None), dest), vb[:, src]),
             )
 
         self._load = jax.jit(load, static_argnames=("length",))
