@@ -225,3 +225,34 @@ def test_smollm2_int8_perplexity_within_one_percent_in_decode_layout(smollm2_che
     p8 = ev.perplexity(ev.Scorer(q8), ids, 128, 64)["perplexity"]
     print(f"SmolLM2 perplexity float32 {p32:.4f}, int8 (out_in) {p8:.4f} ({(p8 / p32 - 1) * 100:+.2f}%)")
     assert abs(p8 / p32 - 1) <= 0.01
+
+
+# ------------------------------------------------------------------------------------------------ 16-bit caches
+def test_bf16_cache_write_is_exact_and_never_widens_the_cache():
+    """kv_cache.scatter_set moves a bf16 cache's bits (an exact copy of .at[].set, out-of-range slots dropped), and
+    the compiled write holds no float32 array the size of the cache (XLA:CPU's bf16 scatter converts the whole
+    buffer to float32 and back, which the plain .at[].set shows, so the check is not blind)."""
+    from llama_jax.kv_cache import scatter_set
+
+    shape = (2, 3, 16, 2, 8)  # [L, B, S, K, H]
+    rng = np.random.default_rng(0)
+    buf = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    new = jnp.asarray(rng.standard_normal((3, 2, 2, 8)), jnp.float32)  # [B, T, K, H], cast to bf16 on write
+    rows = jnp.arange(3)[:, None]
+    positions = jnp.asarray([[0, 1], [7, 8], [15, 16]], jnp.int32)  # slot 16 is past the cache: dropped
+    index = (1, rows, positions)
+    ours = scatter_set(buf, index, new)
+    plain = buf.at[index].set(new.astype(jnp.bfloat16), mode="drop")
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(jax.lax.bitcast_convert_type(ours, jnp.uint16)),
+        np.asarray(jax.lax.bitcast_convert_type(plain, jnp.uint16)),
+    )
+    widened = re.compile(r"f32\[" + ",".join(map(str, shape)) + r"\]")
+
+    def hlo(write):
+        return jax.jit(write).lower(buf, new).compile().as_text()
+
+    assert not widened.search(hlo(lambda b, x: scatter_set(b, index, x)))
+    if jax.default_backend() == "cpu":
+        assert widened.search(hlo(lambda b, x: b.at[index].set(x.astype(b.dtype), mode="drop")))
