@@ -279,6 +279,7 @@ class Attention(nnx.Module):
                 cached=True,
                 k_scale=cache.k_scale,
                 v_scale=cache.v_scale,
+                kv_bits_of=cache.bits_of,
                 layer=layer,
                 implementation=attention_impl,
                 block_size=block,
@@ -424,7 +425,11 @@ class Llama(nnx.Module):
         if kv_cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packed documents) apply to the uncached forward only, not with kv_cache")
         x = self.embedder.encode(tokens, self.dtype)  # [B, T, D]
-        x, kv_cache = self._apply_layers(x, positions, segment_ids, kv_cache)
+        if isinstance(kv_cache, KVCache):  # a 16-bit float cache: the layers write and read its bit patterns
+            x, kv_cache = self._apply_layers(x, positions, segment_ids, kv_cache.as_bits())
+            kv_cache = kv_cache.as_floats()
+        else:
+            x, kv_cache = self._apply_layers(x, positions, segment_ids, kv_cache)
         x = self.final_norm(x)
         if return_hidden:
             return x if kv_cache is None else (x, kv_cache)

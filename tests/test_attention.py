@@ -120,6 +120,27 @@ def test_int8_cache_attention_equals_oracle_on_dequantized_values():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
 
 
+@pytest.mark.parametrize("stored_order", [True, False])
+@pytest.mark.parametrize("int8", [False, True])
+def test_decode_block_update_in_stored_and_transposed_order(monkeypatch, stored_order, int8):
+    """Decode-sized chunks (T 1 and 3, ragged rows) read cache blocks in their stored [B, C, K, H] order through
+    block-diagonal queries, or transposed to [B, K, C, H]: both equal the oracle, float and int8 caches."""
+    monkeypatch.setattr(attention, "STORED_ORDER_MAX", 10**9 if stored_order else 0)
+    for t in (1, 3):
+        q, k, v = _qkv(3, t, 96, seed=11 + t)
+        first = jnp.asarray([[5], [40], [96 - t]], jnp.int32)
+        positions = first + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]; row 2 ends on the last slot
+        scales = {}
+        if int8:
+            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+            scales = dict(k_scale=ks, v_scale=vs)
+            ref = _cached_oracle(q, k * ks[..., None], v * vs[..., None], positions)
+        else:
+            ref = _cached_oracle(q, k, v, positions)
+        out = attend(q, k, v, positions, cached=True, block_size=32, **scales)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
