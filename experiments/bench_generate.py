@@ -435,7 +435,7 @@ def main(argv):
     for p, c in (("bfloat16", None), ("int8", "Q8_0")):
         rows.append(
             (
-                f"prefill tok/s ({FLAGS.prompt_tokens}-token prompt), {p}",
+                f"prefill tok/s, {p} ({FLAGS.prompt_tokens} tokens)",
                 get(ours, p, "prefill"),
                 get(cpp, c, "prefill") if c else None,
                 None,
