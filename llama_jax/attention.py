@@ -140,8 +140,7 @@ def online_softmax(
     :data:`STORED_ORDER_MAX`) skip the per-block transposes instead: :func:`_stored_order_update` (measured on
     SmolLM2 after a 4000-token prompt: the transposing copies took 32 ms of a 66 ms step; decode 15 -> 20 tok/s).
     Key block: :data:`DEFAULT_BLOCK` (512) for prefill chunks; measured at chunk 512 against 8K-16K caches (head
-    dims 32 and 64), 256 is as fast and 1024
-    is 10-25% slower.
+    dims 32 and 64), 256 is as fast and 1024 is 10-25% slower.
     """
     b, t, n, h = q.shape
     kh = n_kv_heads
@@ -149,10 +148,6 @@ def online_softmax(
     dtype = q.dtype
     qk = jnp.transpose(q.reshape(b, t, kh, g, h), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
     scale = jnp.float32(h**-0.5)
-    if cache_blocks and kh * n * t <= STORED_ORDER_MAX:
-        update = _stored_order_update(q, kh, scale, fetch, mask_block)
-    else:
-        update = None
 
     def update_transposed(i, carry, masked):
         m, l_sum, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
@@ -180,7 +175,10 @@ def online_softmax(
         pv = jnp.einsum("BKGTC,BKCH->BKGTH", p.astype(dtype), v1, preferred_element_type=jnp.float32)
         return m_new, l_sum * corr + pv[..., h], acc * corr[..., None] + pv[..., :h]
 
-    update = update or update_transposed
+    if cache_blocks and kh * n * t <= STORED_ORDER_MAX:
+        update = _stored_order_update(q, kh, scale, fetch, mask_block)
+    else:
+        update = update_transposed
 
     def body(i, carry):
         if skip is None:
@@ -357,10 +355,10 @@ def positions_follow_index(q_positions: jax.Array, segment_ids: jax.Array | None
     return jnp.all((step > 0) | ((step == 0) & rising))
 
 
-def _blockwise(q, k, v, q_positions, *, cached, segment_ids, k_scale, v_scale, layer, block):
+def _blockwise(q, k, v, q_positions, *, cached, segment_ids, k_scale, v_scale, layer, block, bits_of=None):
     if cached:
-        return _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block)
-    if layer is not None or k_scale is not None:
+        return _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block, bits_of)
+    if layer is not None or k_scale is not None or bits_of is not None:
         raise ValueError("self-attention (cached=False) takes per-layer float k/v")
     return _blockwise_self(q, k, v, q_positions, segment_ids, block)
 
@@ -596,10 +594,6 @@ def attend(
     if kv_bits_of is not None and implementation not in ("blockwise", "xla"):
         k, v = (jax.lax.bitcast_convert_type(x, jnp.dtype(kv_bits_of)) for x in (k, v))
     if implementation in ("blockwise", "xla"):
-        if kv_bits_of is not None:
-            if not cached:
-                raise ValueError("kv_bits_of applies to a KV cache (cached=True)")
-            return _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block_size, kv_bits_of)
         return _blockwise(
             q,
             k,
@@ -611,6 +605,7 @@ def attend(
             v_scale=v_scale,
             layer=layer,
             block=block_size,
+            bits_of=kv_bits_of,
         )
     if implementation == "splash":
         if cached or layer is not None or k_scale is not None:

@@ -47,7 +47,7 @@ class KVCache:
         The model's layer loop writes the view (:meth:`write`) and the attention reads it (``kv_bits_of``), so
         XLA:CPU, which has no bfloat16 scatter, neither widens the cache to float32 nor re-views the whole cache
         around every layer's write (:func:`scatter_set` does the latter; measured 132 ms of a batch-32 step)."""
-        if self.bits_of is not None or self.k.dtype.itemsize != 2 or not jnp.issubdtype(self.k.dtype, jnp.floating):
+        if self.bits_of is not None or not _is_16bit_float(self.k.dtype):
             return self
         bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)  # noqa: E731
         return self.replace(k=bits(self.k), v=bits(self.v), bits_of=jnp.dtype(self.k.dtype).name)
@@ -82,12 +82,8 @@ class KVCache:
         """Stores new keys/values [B, T, K, H] of layer ``layer`` at slots ``positions`` (int32 [B, T]); slots
         beyond the cache are dropped. An int8 cache quantizes them (:func:`quantize_kv`). Lengths unchanged."""
         rows = jnp.arange(k.shape[0])[:, None]
-        if self.bits_of is not None:
-            bits = lambda x: jax.lax.bitcast_convert_type(x.astype(self.bits_of), jnp.uint16)  # noqa: E731
-            return self.replace(
-                k=self.k.at[layer, rows, positions].set(bits(k), mode="drop"),
-                v=self.v.at[layer, rows, positions].set(bits(v), mode="drop"),
-            )
+        if self.bits_of is not None:  # a uint16 view (as_bits): write the bit patterns of the cache's dtype
+            k, v = (jax.lax.bitcast_convert_type(x.astype(self.bits_of), jnp.uint16) for x in (k, v))
         if not self.quantized:
             return self.replace(
                 k=scatter_set(self.k, (layer, rows, positions), k),
@@ -102,6 +98,10 @@ class KVCache:
         )
 
 
+def _is_16bit_float(dtype) -> bool:
+    return jnp.dtype(dtype).itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+
+
 def scatter_set(buffer: jax.Array, index: tuple, values: jax.Array) -> jax.Array:
     """``buffer.at[index].set(values, mode="drop")`` (values cast to the buffer's dtype; indices out of range are
     dropped), with 16-bit float buffers scattered as their uint16 bit patterns.
@@ -112,7 +112,7 @@ def scatter_set(buffer: jax.Array, index: tuple, values: jax.Array) -> jax.Array
     patterns is exact on every backend, and a same-width bitcast is free.
     """
     values = values.astype(buffer.dtype)
-    if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating):
+    if not _is_16bit_float(buffer.dtype):
         return buffer.at[index].set(values, mode="drop")
     bits = jax.lax.bitcast_convert_type(buffer, jnp.uint16)
     bits = bits.at[index].set(jax.lax.bitcast_convert_type(values, jnp.uint16), mode="drop")
