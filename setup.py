@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llama_jax", "llama_jax.*", "conversions", "conversions.*"]),
+    # the CPU kernels' C++ source, compiled on first use for the host CPU (llama_jax/cpu_kernels.py)
+    package_data={"llama_jax": ["kernels/*.cc"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax import attention
+from llama_jax import attention, cpu_kernels
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.rope import apply_rope
@@ -99,7 +99,9 @@ def project(x: jax.Array, param: nnx.Variable, name: str, out_dtype=None) -> jax
     Returns [..., *out] in ``out_dtype`` (or x's dtype). The weight is cast to x's dtype inside the product, never
     dequantized as a whole: an int8 weight's scale multiplies the [.., out] result (w = q * scale per output
     channel, so x @ w = (x @ q) * scale). Both layouts are one 2-D ``x @ w`` / ``x @ w.T``, the form XLA:CPU
-    streams a bf16/int8 "out_in" weight through without a float copy (see the module docstring).
+    streams a bf16/int8 "out_in" weight through without a float copy (see the module docstring). On a one-device
+    CPU backend, few-row products against int8/bf16 "out_in" weights run as :mod:`llama_jax.cpu_kernels` custom
+    calls (same values within float32 rounding) and many-row ones as bf16 x bf16 -> f32 dots (:func:`_bf16_matmul`).
     """
     value = param.get_value()
     quantized = _is_quantized(value)
@@ -112,8 +114,15 @@ def project(x: jax.Array, param: nnx.Variable, name: str, out_dtype=None) -> jax
     n_i, n_o = math.prod(in_shape), math.prod(out_shape)
     lead = x.shape[: x.ndim - n_in]
     x2 = x.reshape(-1, n_i)
-    if out_in and x2.shape[0] > 1 and w.dtype == jnp.bfloat16:
+    if out_in and cpu_kernels.usable(w, x2.shape[0]):
+        y = cpu_kernels.matmul(x2, w.reshape(n_o, n_i), value.scale if quantized else None)
+        y = y.astype(out_dtype or x.dtype)
+        quantized = False  # the kernel applied the scale
+    elif out_in and x2.shape[0] > 1 and w.dtype == jnp.bfloat16:
         y = _bf16_matmul(x2, w.reshape(n_o, n_i), out_dtype or x.dtype)
+    elif out_in and quantized and x2.shape[0] > 1 and jax.default_backend() == "cpu":
+        # int8 is exact in bf16: a prefill chunk or a large batch takes the bf16 x bf16 -> f32 product
+        y = _bf16_matmul(x2, w.reshape(n_o, n_i).astype(jnp.bfloat16), out_dtype or x.dtype)
     elif out_in:
         y = jnp.matmul(x2, w.reshape(n_o, n_i).astype(x.dtype).T, preferred_element_type=out_dtype)
     else:
@@ -133,9 +142,11 @@ def _bf16_matmul(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
     SmolLM2-shaped layers: 4 rows float32 41 ms, bf16 23 ms; 32 rows 81 vs 47 ms; 512 rows 674 vs 312 ms. One
     row (batch-1 decode) keeps the cast-in-dot loop, which reads the weight at full bandwidth.
 
-    int8 weights have no such product that keeps their numerics: int8 x int8 dots need int8 activations, and
-    per-token activation quantization (W8A8) turns SmolLM2's first greedy token from 7042 into 260 (outlier
-    channels); casting the weight to float32 first is slower still on XLA:CPU. So int8 stays weight-only.
+    An int8 weight takes the same product for more rows than :data:`llama_jax.cpu_kernels.MAX_ROWS` (prefill
+    chunks): int8 is exact in bfloat16, so only the activations are rounded, as in a bf16 model. Measured at 512
+    rows: 381 ms vs 657 ms float32. (int8 x int8 dots would need int8 activations: per-token activation
+    quantization (W8A8) turns SmolLM2's first greedy token from 7042 into 260, outlier channels.) Fewer rows, and
+    one-row bf16 products, go to :mod:`llama_jax.cpu_kernels` where it is built.
     """
     y = jax.lax.dot_general(x.astype(jnp.bfloat16), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(out_dtype)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import checkpoint, quant
+from llama_jax import checkpoint, cpu_kernels, quant
 from llama_jax.engine import Engine, SamplingMode, decode_layout
 from llama_jax.model import WEIGHT_LAYOUTS, Llama
 from tests.conftest import REPO
@@ -142,11 +142,17 @@ def _big_outputs(hlo: str, sizes: set[int]) -> list[str]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU decode layout")
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu_kernels", "xla_products"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpu_decode_step_reads_weights_as_stored(dtype):
+def test_cpu_decode_step_reads_weights_as_stored(dtype, kernels, monkeypatch):
     """SmolLM2-shaped layers (D 576, F 1536, 9/3 heads): no instruction of the compiled decode step writes an array
     the size of a weight (a float copy of a bf16/int8 weight, or a layer slice of a stacked one), while the naive
-    twin (stacked, "in_out") does, which shows the check sees such copies."""
+    twin (stacked, "in_out") does, which shows the check sees such copies. With the CPU kernels
+    (:mod:`llama_jax.cpu_kernels`) the bf16/int8 products are their custom calls; without them, XLA's."""
+    if kernels and not cpu_kernels.available():
+        pytest.skip("no C++ compiler here to build llama_jax.cpu_kernels")
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     cfg = tiny_config(
         vocab_size=1000,
         dim=576,
@@ -173,11 +179,16 @@ def test_cpu_decode_step_reads_weights_as_stored(dtype):
     sizes = per_layer | {cfg.n_layers * s for s in per_layer} | {cfg.vocab_size * cfg.dim}
     fast_engine = Engine(model, max_length=64)
     for program in ("step", "loop", "steps"):
-        fast = _big_outputs(hlo(fast_engine, program), sizes)
+        text = hlo(fast_engine, program)
+        fast = _big_outputs(text, sizes)
         assert not fast, f"{program}:\n" + "\n".join(fast)
+        calls = len(re.findall(r'custom_call_target="llama_jax_matvec_', text))
+        # 7 products per layer and the tied head, in the loop body (the step program) or the loop's
+        assert calls == (7 * cfg.n_layers + 1 if kernels and dtype != "float32" else 0), (program, calls)
     twin = _big_outputs(hlo(Engine(_model(dtype, cfg), max_length=64, unstack=False, weight_layout="in_out")), sizes)
     if dtype != "float32":
         assert twin, "the naive twin should copy its bf16/int8 weights to float (the check would be blind)"
+    if dtype != "float32" and not kernels:
         # and the loop check sees a cast hoisted out of the loop: XLA's default pipeline writes the copies
         hoisted = _big_outputs(hlo(fast_engine, "loop", {"xla_disable_hlo_passes": ""}), sizes)
         assert hoisted, "with loop-invariant code motion on, the decode loop should hoist float weight copies"
