@@ -46,6 +46,11 @@ DEFAULT_BLOCK = 512
 #: Default key block of decode-sized query chunks (T <= 16): fewer, larger blocks (the loop's per-iteration cost
 #: dominates a 1-query tile; measured on XLA:CPU, a 32K-slot decode read is ~2.5x faster with 2048 than 512).
 DECODE_BLOCK = 2048
+#: Key block of the tail of a decode-sized cached read: the slots past the last whole ``DECODE_BLOCK`` up to the
+#: longest row's position are read in blocks of this size, so a step reads at most this many slots it does not
+#: need (not up to ``DECODE_BLOCK``; measured on SmolLM2 at position 64 of a 1024-slot cache: a step read the
+#: whole cache, 47 MB, as much as its int8 weights).
+DECODE_TAIL_BLOCK = 256
 _NEG = float(jnp.finfo(jnp.float32).min)
 #: query chunks longer than this take the softmax's row sum from a ones column of the P.V dot (one pass less over
 #: the [G*T, C] probabilities); decode-sized chunks sum directly (their probability tile is small).
@@ -108,6 +113,7 @@ def online_softmax(
     skip: Callable | None = None,
     unmasked=None,
     cache_blocks: bool = False,
+    tail: tuple[Callable, Callable, jax.Array] | None = None,
 ) -> jax.Array:
     """Attention of ``q`` over key/value blocks 0..num_blocks-1 with an online (streaming) softmax.
 
@@ -125,6 +131,8 @@ def online_softmax(
         so they cost two dots, a row max and one exp per score; the rest run masked.
       cache_blocks: the blocks are slices of a KV cache (each a copy when transposed): decode-sized chunks then
         read them in their stored order (:func:`_stored_order_update`).
+      tail: optional ``(fetch, mask_block, num)``: after blocks 0..num_blocks-1, ``num`` (an int32 scalar) more
+        blocks, masked, fetched by the tail's own functions (blocks of another size: :func:`_blockwise_cached`).
 
     Returns:
       [B, T, N, H] in q's dtype; scores, running max, running sum and the accumulator in float32.
@@ -149,7 +157,7 @@ def online_softmax(
     qk = jnp.transpose(q.reshape(b, t, kh, g, h), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
     scale = jnp.float32(h**-0.5)
 
-    def update_transposed(i, carry, masked):
+    def update_transposed(fetch, mask_block, i, carry, masked):
         m, l_sum, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
         k, v, k_scale, v_scale = fetch(i)  # [B, C, K, H], scales [B, C, K]
         kt = jnp.transpose(k.astype(dtype), (0, 2, 1, 3))  # [B, K, C, H]
@@ -175,10 +183,12 @@ def online_softmax(
         pv = jnp.einsum("BKGTC,BKCH->BKGTH", p.astype(dtype), v1, preferred_element_type=jnp.float32)
         return m_new, l_sum * corr + pv[..., h], acc * corr[..., None] + pv[..., :h]
 
-    if cache_blocks and kh * n * t <= STORED_ORDER_MAX:
-        update = _stored_order_update(q, kh, scale, fetch, mask_block)
-    else:
-        update = update_transposed
+    def make_update(fetch, mask_block):
+        if cache_blocks and kh * n * t <= STORED_ORDER_MAX:
+            return _stored_order_update(q, kh, scale, fetch, mask_block)
+        return functools.partial(update_transposed, fetch, mask_block)
+
+    update = make_update(fetch, mask_block)
 
     def body(i, carry):
         if skip is None:
@@ -198,6 +208,9 @@ def online_softmax(
         carry = update(0, carry, True)
     else:
         carry = jax.lax.fori_loop(first, num_blocks, body, carry)
+    if tail is not None:
+        tail_update = make_update(tail[0], tail[1])
+        carry = jax.lax.fori_loop(0, tail[2], lambda i, c: tail_update(i, c, True), carry)
     m, l_sum, acc = carry
     out = acc / jnp.maximum(l_sum, jnp.finfo(jnp.float32).tiny)[..., None]  # [B, K, G, T, H]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(dtype)
@@ -261,31 +274,59 @@ def _slice(x, layer, start, size):
     return jax.lax.dynamic_slice(x, starts, sizes)[0]
 
 
-def _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block, bits_of=None):
+def _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block, bits_of=None, tail_block=None):
     """Queries of positions ``q_positions`` [B, T] against a cache [(L,) B, S, K, H] (uint16 bit patterns of
-    ``bits_of`` when given); see :func:`attend`."""
+    ``bits_of`` when given); see :func:`attend`.
+
+    Blocks of ``block`` slots that every query sees whole run unmasked, the rest masked, up to the largest query
+    position. With ``tail_block`` (< block), only whole blocks run at ``block`` size; the slots from the last
+    whole block to the largest position are read in ``tail_block`` blocks, so a step reads fewer than
+    ``tail_block`` slots past what it needs."""
     s = k.shape[-3]
     c = min(block, s)
     n_blocks = -(-s // c)
-    # blocks needed: up to the largest query position (slots beyond it are masked for every query)
-    needed = jnp.minimum(jnp.max(q_positions) // c + 1, n_blocks).astype(jnp.int32)
+    top = jnp.max(q_positions)
 
-    def fetch(i):
-        start = jnp.minimum(i * c, s - c)  # a short last block is read as the last c slots
-        kb, vb, ks, vs = (_slice(x, layer, start, c) for x in (k, v, k_scale, v_scale))
-        if bits_of is not None:
-            kb, vb = (jax.lax.bitcast_convert_type(x, jnp.dtype(bits_of)) for x in (kb, vb))
-        return kb, vb, ks, vs
+    def block_of(size):
+        def fetch(start):  # a block past the end is read as the last `size` slots (the overlap is masked)
+            start = jnp.minimum(start, s - size)
+            kb, vb, ks, vs = (_slice(x, layer, start, size) for x in (k, v, k_scale, v_scale))
+            if bits_of is not None:
+                kb, vb = (jax.lax.bitcast_convert_type(x, jnp.dtype(bits_of)) for x in (kb, vb))
+            return kb, vb, ks, vs
 
-    def mask_block(i):
-        start = jnp.minimum(i * c, s - c)
-        slots = start + jnp.arange(c, dtype=jnp.int32)  # [C]
-        ok = (slots[None, None, :] <= q_positions[:, :, None]) & (slots >= i * c)[None, None, :]
-        return ok  # [B, T, C]
+        def mask(nominal):
+            slots = jnp.minimum(nominal, s - size) + jnp.arange(size, dtype=jnp.int32)  # [C]
+            return (slots[None, None, :] <= q_positions[:, :, None]) & (slots >= nominal)[None, None, :]  # [B, T, C]
 
+        return fetch, mask
+
+    fetch_c, mask_c = block_of(c)
+    if tail_block is None or tail_block >= c:
+        needed = jnp.minimum(top // c + 1, n_blocks).astype(jnp.int32)
+        tail = None
+    else:
+        needed = jnp.minimum((top + 1) // c, s // c).astype(jnp.int32)  # whole blocks up to the largest position
+        ct = tail_block
+        base = needed * c
+        fetch_t, mask_t = block_of(ct)
+        tail = (
+            lambda j: fetch_t(base + j * ct),
+            lambda j: mask_t(base + j * ct),
+            jnp.clip((top - base) // ct + 1, 0, -(-(s - base) // ct)).astype(jnp.int32),
+        )
     # blocks every query sees whole (all their slots <= the smallest query position): no mask
     unmasked = jnp.clip((jnp.min(q_positions) + 1) // c, 0, needed).astype(jnp.int32)
-    return online_softmax(q, fetch, mask_block, needed, n_kv_heads=k.shape[-2], unmasked=unmasked, cache_blocks=True)
+    return online_softmax(
+        q,
+        lambda i: fetch_c(i * c),
+        lambda i: mask_c(i * c),
+        needed,
+        n_kv_heads=k.shape[-2],
+        unmasked=unmasked,
+        cache_blocks=True,
+        tail=tail,
+    )
 
 
 def _blockwise_self(q, k, v, q_positions, segment_ids, block):
@@ -355,9 +396,11 @@ def positions_follow_index(q_positions: jax.Array, segment_ids: jax.Array | None
     return jnp.all((step > 0) | ((step == 0) & rising))
 
 
-def _blockwise(q, k, v, q_positions, *, cached, segment_ids, k_scale, v_scale, layer, block, bits_of=None):
+def _blockwise(
+    q, k, v, q_positions, *, cached, segment_ids, k_scale, v_scale, layer, block, bits_of=None, tail_block=None
+):
     if cached:
-        return _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block, bits_of)
+        return _blockwise_cached(q, k, v, k_scale, v_scale, layer, q_positions, block, bits_of, tail_block)
     if layer is not None or k_scale is not None or bits_of is not None:
         raise ValueError("self-attention (cached=False) takes per-layer float k/v")
     return _blockwise_self(q, k, v, q_positions, segment_ids, block)
@@ -570,7 +613,8 @@ def attend(
       layer: see k, v.
       implementation: "blockwise" (or "xla"), "cudnn", "splash", "reference", or None (:func:`choose_implementation`).
       block_size: key block C of the blockwise path (and query block of self-attention); default
-        ``DECODE_BLOCK`` for cached chunks of T <= 16 queries, else ``DEFAULT_BLOCK``.
+        ``DECODE_BLOCK`` for cached chunks of T <= 16 queries (the slots past its last whole block read in
+        ``DECODE_TAIL_BLOCK`` blocks), else ``DEFAULT_BLOCK``.
       kv_bits_of: "bfloat16" or "float16" when k/v are uint16 bit patterns of that dtype
         (:meth:`llama_jax.kv_cache.KVCache.as_bits`); the blockwise path views only the blocks it reads.
 
@@ -587,8 +631,10 @@ def attend(
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
     if cached and segment_ids is not None:
         raise ValueError("segment_ids apply to self-attention only (cached=False)")
+    decode_sized = cached and q.shape[1] <= 16
+    tail_block = DECODE_TAIL_BLOCK if decode_sized and block_size is None else None
     if block_size is None:
-        block_size = DECODE_BLOCK if cached and q.shape[1] <= 16 else DEFAULT_BLOCK
+        block_size = DECODE_BLOCK if decode_sized else DEFAULT_BLOCK
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if kv_bits_of is not None and implementation not in ("blockwise", "xla"):
@@ -606,6 +652,7 @@ def attend(
             layer=layer,
             block=block_size,
             bits_of=kv_bits_of,
+            tail_block=tail_block,
         )
     if implementation == "splash":
         if cached or layer is not None or k_scale is not None:

@@ -141,6 +141,34 @@ def test_decode_block_update_in_stored_and_transposed_order(monkeypatch, stored_
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_decode_tail_blocks_read_past_whole_blocks(monkeypatch, int8):
+    """Decode-sized chunks read whole DECODE_BLOCK blocks, then the slots up to the longest row in
+    DECODE_TAIL_BLOCK blocks (a cache length no block size divides; rows ragged by 20x, one on a block edge, one
+    ending on the last slot, one whose tail is empty): all equal the oracle, and with a stacked cache too."""
+    monkeypatch.setattr(attention, "DECODE_BLOCK", 64)
+    monkeypatch.setattr(attention, "DECODE_TAIL_BLOCK", 24)
+    s = 203
+    for t, firsts in ((1, [[9], [63], [64], [202], [127]]), (3, [[9], [61], [190], [200], [125]])):
+        q, k, v = _qkv(5, t, s, seed=21 + t)
+        positions = jnp.asarray(firsts, jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+        scales = {}
+        if int8:
+            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+            scales = dict(k_scale=ks, v_scale=vs)
+            ref = _cached_oracle(q, k * ks[..., None], v * vs[..., None], positions)
+        else:
+            ref = _cached_oracle(q, k, v, positions)
+        for rows in ([0, 1, 2, 3, 4], [0], [2], [3], [4]):  # together, and alone (single-row decode)
+            r = jnp.asarray(rows)
+            sub = {name: x[r] for name, x in scales.items()}
+            out = attend(q[r], k[r], v[r], positions[r], cached=True, **sub)
+            np.testing.assert_allclose(np.asarray(out), np.asarray(ref[r]), atol=ATOL)
+        stacked = {name: jnp.stack([x, x]) for name, x in scales.items()}
+        out = attend(q, jnp.stack([k, k]), jnp.stack([v, v]), positions, cached=True, layer=1, **stacked)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
