@@ -40,6 +40,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from llama_jax import cpu_kernels
+
 IMPLEMENTATIONS = ("blockwise", "cudnn", "reference", "splash", "xla")
 #: Default key block (and query block in self-attention): score tiles of 512 x 512 per head.
 DEFAULT_BLOCK = 512
@@ -611,7 +613,9 @@ def attend(
         segment.
       k_scale, v_scale: float32 [(L,) B, S, K] dequantization scales of an int8 cache (one per token and KV head).
       layer: see k, v.
-      implementation: "blockwise" (or "xla"), "cudnn", "splash", "reference", or None (:func:`choose_implementation`).
+      implementation: "blockwise" (or "xla"), "cudnn", "splash", "reference", or None (:func:`choose_implementation`;
+        on a one-device CPU backend, cached chunks of T <= 16 queries with no ``block_size`` go to the C++ kernel
+        :func:`llama_jax.cpu_kernels.decode_attention`, which reads the cache in place).
       block_size: key block C of the blockwise path (and query block of self-attention); default
         ``DECODE_BLOCK`` for cached chunks of T <= 16 queries (the slots past its last whole block read in
         ``DECODE_TAIL_BLOCK`` blocks), else ``DEFAULT_BLOCK``.
@@ -625,12 +629,16 @@ def attend(
       ValueError: unknown implementation, segment_ids with a cache, cuDNN asked for an int8 cache, splash asked for
         a cache or a length that is not a multiple of 128.
     """
+    if cached and segment_ids is not None:
+        raise ValueError("segment_ids apply to self-attention only (cached=False)")
+    if implementation is None and cached and block_size is None and cpu_kernels.attention_usable(q, k, kv_bits_of):
+        return cpu_kernels.decode_attention(
+            q, k, v, q_positions, k_scale=k_scale, v_scale=v_scale, layer=layer, bits_of=kv_bits_of
+        )
     if implementation is None:
         implementation = choose_implementation(q.dtype, k.dtype, head_dim=q.shape[-1], cached=cached, length=q.shape[1])
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    if cached and segment_ids is not None:
-        raise ValueError("segment_ids apply to self-attention only (cached=False)")
     decode_sized = cached and q.shape[1] <= 16
     tail_block = DECODE_TAIL_BLOCK if decode_sized and block_size is None else None
     if block_size is None:

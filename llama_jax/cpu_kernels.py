@@ -43,8 +43,21 @@ from absl import logging
 #:   bf16 x bf16 XLA dot (R > 1)         23    -    47
 MAX_ROWS = {"int8": 64, "bfloat16": 8}
 
-_SOURCE = pathlib.Path(__file__).parent / "kernels" / "cpu_matvec.cc"
-_TARGETS = {"llama_jax_matvec_i8": "LlamaJaxMatvecI8", "llama_jax_matvec_bf16": "LlamaJaxMatvecBF16"}
+_SOURCES = tuple(pathlib.Path(__file__).parent / "kernels" / f for f in ("cpu_matvec.cc", "cpu_decode_attention.cc"))
+_TARGETS = {
+    "llama_jax_matvec_i8": "LlamaJaxMatvecI8",
+    "llama_jax_matvec_bf16": "LlamaJaxMatvecBF16",
+    "llama_jax_decode_attention_f32": "LlamaJaxDecodeAttentionF32",
+    "llama_jax_decode_attention_bf16": "LlamaJaxDecodeAttention16",
+    "llama_jax_decode_attention_i8": "LlamaJaxDecodeAttentionI8",
+    "llama_jax_kv_write": "LlamaJaxKVWrite",
+}
+#: Compiler flags: the host's ISA; `omp simd` loops vectorised without OpenMP's runtime.
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC", "-w")
+#: Cache dtypes the decode attention kernel reads (a bfloat16 cache also as its uint16 bit patterns).
+ATTENTION_CACHE_DTYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "i8"}
+#: The most query tokens per row the decode attention kernel takes (decode steps, speculative verify chunks).
+ATTENTION_MAX_T = 16
 
 
 def _cpu_flags() -> str:
@@ -63,19 +76,20 @@ def _build(cache: pathlib.Path) -> pathlib.Path:
     """Compile the kernel library (once per source, jaxlib version and CPU), atomically; returns its path."""
     import jaxlib
 
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + jaxlib.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    lib = cache / f"cpu_matvec-{key}.so"
-    if lib.exists():
-        return lib
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++, c++ or clang++; or set CXX)")
+    source = b"".join(f.read_bytes() for f in _SOURCES)
+    key = hashlib.sha256(
+        b"\0".join([source, jaxlib.__version__.encode(), _cpu_flags().encode(), " ".join(_FLAGS).encode()])
+    ).hexdigest()[:16]
+    lib = cache / f"cpu_kernels-{key}.so"
+    if lib.exists():
+        return lib
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = pathlib.Path(tmp) / lib.name
-        cmd = [compiler, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]  # fmt: skip
+        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -83,14 +97,17 @@ def _build(cache: pathlib.Path) -> pathlib.Path:
     return lib
 
 
+def _cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("LLAMA_JAX_CACHE") or pathlib.Path.home() / ".cache" / "llama_jax")
+
+
 @functools.cache
 def available() -> bool:
     """True when the kernels are built, loaded and registered for the CPU platform (built on first call)."""
     if os.environ.get("LLAMA_JAX_CPU_KERNELS", "1") == "0":
         return False
-    cache = pathlib.Path(os.environ.get("LLAMA_JAX_CACHE") or pathlib.Path.home() / ".cache" / "llama_jax")
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(cache)))
+        lib = ctypes.cdll.LoadLibrary(str(_build(_cache_dir())))
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
@@ -141,8 +158,9 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Ar
     """x [R, I] (any float dtype, R <= :data:`MAX_ROWS`) times w [O, I] (int8 with ``scale`` float [O], or
     bfloat16 with no scale) -> float32 [R, O] = (x @ float(w).T) * scale. Call only where :func:`usable` is True.
 
-    Raises ValueError on shapes that do not match.
+    Raises ValueError on shapes that do not match, RuntimeError where the kernels are not built.
     """
+    _require()
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"cpu_kernels.matmul: want x [R, I] and w [O, I], got {x.shape} and {w.shape}")
     if (w.dtype == jnp.int8) != (scale is not None):
@@ -150,3 +168,92 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Ar
     if scale is not None:
         scale = scale.reshape(w.shape[0]).astype(jnp.float32)
     return _kernel_matmul(x.astype(jnp.float32), w, scale)
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("llama_jax.cpu_kernels are not built here (see the warning above); check usable() first")
+
+
+def _one_device_cpu() -> bool:
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+
+
+def attention_usable(q: jax.Array, k: jax.Array, bits_of: str | None = None) -> bool:
+    """Whether :func:`decode_attention` serves queries ``q`` [B, T, N, H] against cache ``k`` here: a one-device
+    CPU backend, T <= :data:`ATTENTION_MAX_T`, a float32, bfloat16 (or its uint16 bits, ``bits_of="bfloat16"``)
+    or int8 cache."""
+    name = bits_of if bits_of is not None else jnp.dtype(k.dtype).name
+    if bits_of is not None and k.dtype != jnp.uint16:
+        return False
+    return q.ndim == 4 and q.shape[1] <= ATTENTION_MAX_T and name in ATTENTION_CACHE_DTYPES and _one_device_cpu()
+
+
+def decode_attention(q, k, v, q_positions, *, k_scale=None, v_scale=None, layer=None, bits_of=None) -> jax.Array:
+    """Causal GQA attention of decode-sized query chunks over a dense KV cache, read in place (no block copies,
+    no loop in the compiled program): the kernel of ``kernels/cpu_decode_attention.cc``.
+
+    Args:
+      q: [B, T, N, H] queries (RoPE applied), any float dtype (computed in float32).
+      k, v: the cache, [L, B, S, K, H] with ``layer`` (an int or int32 scalar) or [B, S, K, H]: float32,
+        bfloat16 (or uint16 bit patterns with ``bits_of="bfloat16"``), or int8 with ``k_scale`` / ``v_scale``
+        float32 [(L,) B, S, K].
+      q_positions: int32 [B, T]; query (b, t) attends to slots s <= q_positions[b, t] (see
+        :mod:`llama_jax.kv_cache`: slot s holds position s).
+
+    Returns [B, T, N, H] in q's dtype: the same values as :func:`llama_jax.attention.attend` within float32
+    rounding (float32 scores, softmax and accumulation; zeros for a query that sees no slot).
+
+    Raises ValueError on shapes or dtypes the kernel does not take (check :func:`attention_usable`),
+    RuntimeError where the kernels are not built.
+    """
+    _require()
+    name = bits_of if bits_of is not None else jnp.dtype(k.dtype).name
+    if name not in ATTENTION_CACHE_DTYPES or (name == "int8") != (k_scale is not None):
+        raise ValueError(f"decode_attention: cache dtype {name} with scales={k_scale is not None} not supported")
+    stacked = k.ndim == 5
+    if q.ndim != 4 or k.ndim not in (4, 5) or k.shape != v.shape or stacked != (layer is not None):
+        raise ValueError(f"decode_attention: want q [B, T, N, H] and k/v [(L,) B, S, K, H] (layer given iff L), got "
+                         f"{q.shape}, {k.shape}, {v.shape}, layer={layer}")  # fmt: skip
+    # a uint16 view goes in as it is (the kernel reads the bits; a bitcast of a whole cache may be a copy)
+    none = jnp.zeros((1,), jnp.float32)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    out = jax.ffi.ffi_call(
+        f"llama_jax_decode_attention_{ATTENTION_CACHE_DTYPES[name]}", jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    )(
+        q.astype(jnp.float32),
+        k,
+        v,
+        none if k_scale is None else k_scale.astype(jnp.float32),
+        none if v_scale is None else v_scale.astype(jnp.float32),
+        q_positions.astype(jnp.int32),
+        layer,
+    )
+    return out.astype(q.dtype)
+
+
+def cache_in_place(k: jax.Array) -> bool:
+    """Whether a dense bfloat16 KV cache ``k`` is written by :func:`cache_write` and read by
+    :func:`decode_attention` as it is, with no uint16 view (:meth:`llama_jax.kv_cache.KVCache.as_bits`): on a
+    one-device CPU backend where the kernels are built."""
+    return k.dtype == jnp.bfloat16 and _one_device_cpu()
+
+
+def cache_write(cache: jax.Array, layer, positions: jax.Array, values: jax.Array) -> jax.Array:
+    """``cache.at[layer, rows, positions].set(values, mode="drop")`` in place (the result aliases ``cache``).
+
+    Args:
+      cache: [L, B, S, K, H] (``layer`` an int or int32 scalar) or [B, S, K, H] (``layer`` None), any dtype.
+      positions: int32 [B, T] slots to write; slots outside [0, S) are dropped.
+      values: [B, T, K, H], cast to the cache's dtype.
+
+    Raises ValueError on shapes that do not match, RuntimeError where the kernels are not built.
+    """
+    _require()
+    if cache.ndim not in (4, 5) or values.ndim != 4 or (cache.ndim == 5) != (layer is not None):
+        raise ValueError(f"cache_write: want cache [(L,) B, S, K, H] (layer given iff L) and values [B, T, K, H], "
+                         f"got {cache.shape}, {values.shape}, layer={layer}")  # fmt: skip
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    call = jax.ffi.ffi_call("llama_jax_kv_write", jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+                            input_output_aliases={0: 0})  # fmt: skip
+    return call(cache, values.astype(cache.dtype), positions.astype(jnp.int32), layer)

@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from llama_jax import cpu_kernels
 from llama_jax.config import LlamaConfig
 
 #: Logical axis names of ``KVCache.k`` / ``KVCache.v`` (see llama_jax.sharding) and of ``lengths``.
@@ -82,6 +83,11 @@ class KVCache:
         """Stores new keys/values [B, T, K, H] of layer ``layer`` at slots ``positions`` (int32 [B, T]); slots
         beyond the cache are dropped. An int8 cache quantizes them (:func:`quantize_kv`). Lengths unchanged."""
         rows = jnp.arange(k.shape[0])[:, None]
+        if self.bits_of is None and cpu_kernels.cache_in_place(self.k):  # in place, no uint16 view (XLA:CPU)
+            return self.replace(
+                k=cpu_kernels.cache_write(self.k, layer, positions, k),
+                v=cpu_kernels.cache_write(self.v, layer, positions, v),
+            )
         if self.bits_of is not None:  # a uint16 view (as_bits): write the bit patterns of the cache's dtype
             k, v = (jax.lax.bitcast_convert_type(x.astype(self.bits_of), jnp.uint16) for x in (k, v))
         if not self.quantized:

@@ -437,7 +437,9 @@ class Llama(nnx.Module):
             raise ValueError("segment_ids (packed documents) apply to the uncached forward only, not with kv_cache")
         x = self.embedder.encode(tokens, self.dtype)  # [B, T, D]
         if isinstance(kv_cache, KVCache):  # a 16-bit float cache: the layers write and read its bit patterns
-            x, kv_cache = self._apply_layers(x, positions, segment_ids, kv_cache.as_bits())
+            # a bf16 cache on XLA:CPU: written and read in place by the CPU kernels, else through its uint16 view
+            in_place = cpu_kernels.cache_in_place(kv_cache.k)
+            x, kv_cache = self._apply_layers(x, positions, segment_ids, kv_cache if in_place else kv_cache.as_bits())
             kv_cache = kv_cache.as_floats()
         else:
             x, kv_cache = self._apply_layers(x, positions, segment_ids, kv_cache)

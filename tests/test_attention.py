@@ -162,10 +162,19 @@ def test_decode_tail_blocks_read_past_whole_blocks(monkeypatch, int8):
         for rows in ([0, 1, 2, 3, 4], [0], [2], [3], [4]):  # together, and alone (single-row decode)
             r = jnp.asarray(rows)
             sub = {name: x[r] for name, x in scales.items()}
-            out = attend(q[r], k[r], v[r], positions[r], cached=True, **sub)
+            out = attend(q[r], k[r], v[r], positions[r], cached=True, implementation="blockwise", **sub)
             np.testing.assert_allclose(np.asarray(out), np.asarray(ref[r]), atol=ATOL)
         stacked = {name: jnp.stack([x, x]) for name, x in scales.items()}
-        out = attend(q, jnp.stack([k, k]), jnp.stack([v, v]), positions, cached=True, layer=1, **stacked)
+        out = attend(
+            q,
+            jnp.stack([k, k]),
+            jnp.stack([v, v]),
+            positions,
+            cached=True,
+            layer=1,
+            implementation="blockwise",
+            **stacked,
+        )
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
 
 

@@ -5,6 +5,7 @@ and atomic; the model routes to them only where they apply."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,11 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU 
 
 @pytest.fixture(scope="module")
 def built():
+    """The kernels must build wherever there is a compiler (a broken build fails here, never skips)."""
     if not cpu_kernels.available():
+        if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
+            cpu_kernels.available.cache_clear()
+            cpu_kernels._build(cpu_kernels._cache_dir())  # raises with the compiler's message
         pytest.skip("no C++ compiler here to build llama_jax.cpu_kernels")
 
 
@@ -157,3 +162,128 @@ def test_disabled_or_unbuildable_falls_back_to_xla(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
     assert "kernels unavailable" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ decode attention
+def _cache(dtype, b, s, kh, h, seed):
+    rng = np.random.default_rng(seed)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, kh, h), dtype=np.float32)) for _ in range(2))
+    if dtype == "int8":
+        from llama_jax.kv_cache import quantize_kv
+
+        (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+        return k, v, dict(k_scale=ks, v_scale=vs)
+    return k.astype(dtype), v.astype(dtype), {}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bf16_bits", "int8"])
+@pytest.mark.parametrize("t", [1, 3, 16])
+def test_decode_attention_equals_blockwise_path(built, dtype, t):
+    """Ragged rows (one 20x longer than another, one on a 64-slot chunk edge, one ending on the last slot), GQA
+    groups of 1 and 3, a stacked cache read at a layer: the kernel equals the XLA blockwise path."""
+    from llama_jax import attention
+
+    b, s = 4, 700
+    for n, kh, h in ((6, 2, 64), (4, 4, 32)):
+        rng = np.random.default_rng(n + t)
+        q = jnp.asarray(rng.standard_normal((b, t, n, h), dtype=np.float32))
+        k, v, scales = _cache("bfloat16" if dtype == "bf16_bits" else dtype, b, s, kh, h, seed=t)
+        first = jnp.asarray([[30], [600], [63], [s - t]], jnp.int32)
+        positions = first + jnp.arange(t, dtype=jnp.int32)[None]
+        ref = attention.attend(q, k, v, positions, cached=True, implementation="blockwise", **scales)
+        bits = None
+        if dtype == "bf16_bits":
+            k, v, bits = (
+                jax.lax.bitcast_convert_type(k, jnp.uint16),
+                jax.lax.bitcast_convert_type(v, jnp.uint16),
+                "bfloat16",
+            )
+        assert cpu_kernels.attention_usable(q, k, bits)
+        got = cpu_kernels.decode_attention(q, k, v, positions, bits_of=bits, **scales)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-4)
+        stacked = {name: jnp.stack([jnp.zeros_like(x), x]) for name, x in scales.items()}
+
+        def at_layer(q, k, v, p, layer, bits=bits, stacked=stacked):
+            return cpu_kernels.decode_attention(q, k, v, p, layer=layer, bits_of=bits, **stacked)
+
+        got = jax.jit(at_layer)(
+            q, jnp.stack([jnp.zeros_like(k), k]), jnp.stack([jnp.zeros_like(v), v]), positions, jnp.int32(1)
+        )
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-4)
+
+
+def test_decode_attention_routing_and_refusals(built):
+    """attend() takes the kernel for decode-sized cached chunks with no block size forced; a query that sees no
+    slot gives zeros (as the XLA path); float16 caches and long chunks stay on the XLA path."""
+    from llama_jax import attention
+
+    q = jnp.ones((2, 1, 2, 8), jnp.float32)
+    k, v, _ = _cache("float32", 2, 16, 1, 8, seed=0)
+    pos = jnp.asarray([[-1], [5]], jnp.int32)
+    text = jax.jit(lambda q, k, v, p: attention.attend(q, k, v, p, cached=True)).lower(q, k, v, pos).as_text()
+    assert "llama_jax_decode_attention_f32" in text
+    out = attention.attend(q, k, v, pos, cached=True)
+    np.testing.assert_array_equal(np.asarray(out[0]), 0)
+    ref = attention.attend(q, k, v, pos, cached=True, implementation="blockwise")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
+    assert not cpu_kernels.attention_usable(q, k.astype(jnp.float16))
+    assert not cpu_kernels.attention_usable(jnp.ones((2, 17, 2, 8)), k)
+    assert not cpu_kernels.attention_usable(q, k.astype(jnp.uint16), None)
+    with pytest.raises(ValueError, match="not supported"):
+        cpu_kernels.decode_attention(q, k.astype(jnp.float16), v.astype(jnp.float16), pos)
+    with pytest.raises(ValueError, match="layer given"):
+        cpu_kernels.decode_attention(q, k, v, pos, layer=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
+def test_cache_write_equals_scatter_and_drops_out_of_range(built, dtype):
+    """cache_write == .at[layer, rows, positions].set(mode="drop") bit for bit: ragged positions, T 1 and 3,
+    slots past the end dropped, other layers untouched; under jit, in a loop carry."""
+    rng = np.random.default_rng(0)
+    cache = jnp.asarray(rng.standard_normal((3, 2, 10, 2, 4), dtype=np.float32) * 9).astype(dtype)
+    for t, pos in ((1, [[4], [9]]), (3, [[0, 1, 2], [8, 9, 10]]), (1, [[12], [3]])):
+        positions = jnp.asarray(pos, jnp.int32)
+        values = jnp.asarray(rng.standard_normal((2, t, 2, 4), dtype=np.float32) * 9).astype(dtype)
+        rows = jnp.arange(2)[:, None]
+        ref = cache.at[1, rows, positions].set(values, mode="drop")
+        got = jax.jit(cpu_kernels.cache_write)(cache, jnp.int32(1), positions, values)
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(ref).view(np.uint8))
+
+    def steps(cache, values):  # the decode loop's form: the cache in a while-loop carry, written each step
+        def body(i, c):
+            return cpu_kernels.cache_write(c, i % 3, jnp.full((2, 1), i, jnp.int32), values + i.astype(dtype))
+
+        return jax.lax.fori_loop(0, 6, body, cache)
+
+    values = jnp.ones((2, 1, 2, 4), dtype)
+    ref = cache
+    for i in range(6):
+        ref = ref.at[i % 3, jnp.arange(2)[:, None], jnp.full((2, 1), i)].set(values + np.asarray(i).astype(dtype))
+    got = jax.jit(steps)(cache, values)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(ref).view(np.uint8))
+    with pytest.raises(ValueError, match="layer given iff"):
+        cpu_kernels.cache_write(cache, None, jnp.zeros((2, 1), jnp.int32), values)
+
+
+def test_bf16_cache_is_written_and_read_in_place(built):
+    """A bf16 KV cache on CPU: the compiled decode step writes it with the in-place custom call and reads it with
+    the attention kernel, and never converts or copies the whole cache (no uint16 view)."""
+    import re
+
+    from flax import nnx
+
+    from llama_jax.engine import Engine, SamplingMode
+    from llama_jax.model import Llama
+    from tests.reference import tiny_config
+
+    cfg = tiny_config(n_layers=2, max_seq_len=256)
+    model = Llama(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    engine = Engine(model, max_length=256, kv_dtype="bfloat16")
+    ds = engine.start([[1, 2, 3]], max_new_tokens=4)
+    text = engine._decode_step.lower(engine.params, ds, SamplingMode()).compile().as_text()
+    assert len(re.findall(r'custom_call_target="llama_jax_kv_write"', text)) == 2 * cfg.n_layers
+    assert len(re.findall(r'custom_call_target="llama_jax_decode_attention_bf16"', text)) == cfg.n_layers
+    cache_elems = cfg.n_layers * 1 * 256 * cfg.n_kv_heads * cfg.head_dim
+    big = [ln for ln in text.splitlines() if re.search(rf"(u16|f32|bf16)\[{cfg.n_layers},1,256,", ln)]
+    big = [ln for ln in big if re.search(r"= \w+\[[\d,]+\]\{[^}]*\} (convert|bitcast-convert|copy|fusion)\(", ln)]
+    assert not big, f"whole-cache copies ({cache_elems} elements):\n" + "\n".join(big)

@@ -112,10 +112,18 @@ def test_engine_greedy_tokens_equal_naive_twin(dtype):
     twin = Engine(_model(dtype), max_length=64, unstack=False, weight_layout="in_out")
     a = fast.generate(prompts, max_new_tokens=12)
     b = twin.generate(prompts, max_new_tokens=12)
-    assert [c.tokens for c in a] == [c.tokens for c in b]
-    np.testing.assert_allclose(
-        [c.logprobs for c in a], [c.logprobs for c in b], atol=0.05 if dtype == "bfloat16" else 1e-4
-    )  # log-softmax of the logits above
+    # bfloat16 logits carry ~3 significant digits: the two may part at a tie within that rounding (shown by the
+    # reference forward's logits of both tokens); float32 and int8 must agree exactly
+    tie = 0.05 if dtype == "bfloat16" else 0.0
+    reference = _model(dtype)
+    for prompt, x, y in zip(prompts, a, b, strict=True):
+        n = next((i for i, (s, t) in enumerate(zip(x.tokens, y.tokens, strict=True)) if s != t), len(x.tokens))
+        if n < len(x.tokens):
+            logits = np.asarray(reference(jnp.asarray([prompt + x.tokens[:n]])), np.float32)[0, -1]
+            gap = abs(float(logits[x.tokens[n]] - logits[y.tokens[n]]))
+            assert gap <= tie, f"token {n}: {x.tokens[n]} vs {y.tokens[n]}, logit gap {gap} is no tie"
+        assert x.tokens == y.tokens or tie
+        np.testing.assert_allclose(x.logprobs[:n], y.logprobs[:n], atol=0.05 if dtype == "bfloat16" else 1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ compiled HLO
