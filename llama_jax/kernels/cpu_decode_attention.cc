@@ -253,7 +253,7 @@ ffi::Error Attend(ffi::ThreadPool pool, const Shape& d, const float* q, const C*
   };
   // pool tasks hold the shared Work; they only touch `parts` etc. while a task index is left, and the caller
   // waits below until every index is done, so those references outlive every use
-  const int64_t helpers = std::min<int64_t>(threads, tasks - 1);
+  const int64_t helpers = std::min<int64_t>(threads - 1, tasks - 1);  // + the caller: one thread per core
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, run] { run(*work); });
   run(*work);
   while (work->done.load(std::memory_order_acquire) < tasks) {

@@ -116,7 +116,7 @@ ffi::Error Matvec(ffi::ThreadPool pool, const float* x, const W* w, const float*
       s.done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks - 1);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->chunks - 1);  // + the caller
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, run] { run(*work); });
   run(*work);
   while (work->done.load(std::memory_order_acquire) < work->chunks) {
