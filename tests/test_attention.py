@@ -120,6 +120,18 @@ def test_int8_cache_attention_equals_oracle_on_dequantized_values():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
 
 
+def _cached_case(t, s, firsts, int8, seed):
+    """Queries of T tokens per row starting at ``firsts`` [B, 1] against an S-slot cache (float or int8 with its
+    scales), and the oracle's output: (q, k, v, positions [B, T], scales kwargs, ref)."""
+    q, k, v = _qkv(len(firsts), t, s, seed=seed)
+    positions = jnp.asarray(firsts, jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+    if not int8:
+        return q, k, v, positions, {}, _cached_oracle(q, k, v, positions)
+    (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+    ref = _cached_oracle(q, k * ks[..., None], v * vs[..., None], positions)
+    return q, k, v, positions, dict(k_scale=ks, v_scale=vs), ref
+
+
 @pytest.mark.parametrize("stored_order", [True, False])
 @pytest.mark.parametrize("int8", [False, True])
 def test_decode_block_update_in_stored_and_transposed_order(monkeypatch, stored_order, int8):
@@ -127,16 +139,8 @@ def test_decode_block_update_in_stored_and_transposed_order(monkeypatch, stored_
     block-diagonal queries, or transposed to [B, K, C, H]: both equal the oracle, float and int8 caches."""
     monkeypatch.setattr(attention, "STORED_ORDER_MAX", 10**9 if stored_order else 0)
     for t in (1, 3):
-        q, k, v = _qkv(3, t, 96, seed=11 + t)
-        first = jnp.asarray([[5], [40], [96 - t]], jnp.int32)
-        positions = first + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]; row 2 ends on the last slot
-        scales = {}
-        if int8:
-            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
-            scales = dict(k_scale=ks, v_scale=vs)
-            ref = _cached_oracle(q, k * ks[..., None], v * vs[..., None], positions)
-        else:
-            ref = _cached_oracle(q, k, v, positions)
+        # row 2 ends on the last slot
+        q, k, v, positions, scales, ref = _cached_case(t, 96, [[5], [40], [96 - t]], int8, seed=11 + t)
         out = attend(q, k, v, positions, cached=True, block_size=32, **scales)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)
 
@@ -150,15 +154,7 @@ def test_decode_tail_blocks_read_past_whole_blocks(monkeypatch, int8):
     monkeypatch.setattr(attention, "DECODE_TAIL_BLOCK", 24)
     s = 203
     for t, firsts in ((1, [[9], [63], [64], [202], [127]]), (3, [[9], [61], [190], [200], [125]])):
-        q, k, v = _qkv(5, t, s, seed=21 + t)
-        positions = jnp.asarray(firsts, jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
-        scales = {}
-        if int8:
-            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
-            scales = dict(k_scale=ks, v_scale=vs)
-            ref = _cached_oracle(q, k * ks[..., None], v * vs[..., None], positions)
-        else:
-            ref = _cached_oracle(q, k, v, positions)
+        q, k, v, positions, scales, ref = _cached_case(t, s, firsts, int8, seed=21 + t)
         for rows in ([0, 1, 2, 3, 4], [0], [2], [3], [4]):  # together, and alone (single-row decode)
             r = jnp.asarray(rows)
             sub = {name: x[r] for name, x in scales.items()}
