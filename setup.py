@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llama_jax", "llama_jax.*", "conversions", "conversions.*"]),
     # the CPU kernels' C++ source, compiled on first use for the host CPU (llama_jax/cpu_kernels.py)
-    package_data={"llama_jax": ["kernels/*.cc"]},
+    package_data={"llama_jax": ["kernels/*.cc", "kernels/*.h"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

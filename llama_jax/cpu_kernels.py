@@ -44,6 +44,7 @@ from absl import logging
 MAX_ROWS = {"int8": 64, "bfloat16": 8}
 
 _SOURCES = tuple(pathlib.Path(__file__).parent / "kernels" / f for f in ("cpu_matvec.cc", "cpu_decode_attention.cc"))
+_HEADERS = (pathlib.Path(__file__).parent / "kernels" / "parallel_for.h",)
 _TARGETS = {
     "llama_jax_matvec_i8": "LlamaJaxMatvecI8",
     "llama_jax_matvec_bf16": "LlamaJaxMatvecBF16",
@@ -79,7 +80,7 @@ def _build(cache: pathlib.Path) -> pathlib.Path:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++, c++ or clang++; or set CXX)")
-    source = b"".join(f.read_bytes() for f in _SOURCES)
+    source = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
     key = hashlib.sha256(
         b"\0".join([source, jaxlib.__version__.encode(), _cpu_flags().encode(), " ".join(_FLAGS).encode()])
     ).hexdigest()[:16]
@@ -116,16 +117,15 @@ def available() -> bool:
     return True
 
 
+def _one_device_cpu() -> bool:
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+
+
 def usable(w: jax.Array, rows: int) -> bool:
     """Whether :func:`matmul` serves a product of ``rows`` activation rows with weight ``w`` [O, I] here: a CPU
     backend with one device (the custom call is not partitioned over a mesh), int8 or bf16 ``w``, and
     1 <= rows <= :data:`MAX_ROWS` of its dtype."""
-    return (
-        1 <= rows <= MAX_ROWS.get(jnp.dtype(w.dtype).name, 0)
-        and jax.default_backend() == "cpu"
-        and jax.device_count() == 1
-        and available()
-    )
+    return 1 <= rows <= MAX_ROWS.get(jnp.dtype(w.dtype).name, 0) and _one_device_cpu()
 
 
 def _xla_matmul(x, w, scale):
@@ -173,10 +173,6 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Ar
 def _require() -> None:
     if not available():
         raise RuntimeError("llama_jax.cpu_kernels are not built here (see the warning above); check usable() first")
-
-
-def _one_device_cpu() -> bool:
-    return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
 
 
 def attention_usable(q: jax.Array, k: jax.Array, bits_of: str | None = None) -> bool:

@@ -11,11 +11,10 @@
 // it saved in bytes. This loop is the textbook memory-bound matrix-vector product (vectorised by the compiler
 // with `omp simd`, built for the host ISA by llama_jax/cpu_kernels.py) split over XLA's intra-op thread pool.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -94,33 +93,15 @@ void channels(const float* x, const W* w, const float* scale, float* y, int64_t 
   for (; r < R; ++r) rows_block<W, 1>(x, w, scale, y, I, O, r, o0, o1);
 }
 
-// The output channels in chunks of kChunk, taken by the calling thread and by tasks on XLA's intra-op pool from
-// one atomic counter; the caller returns when every chunk is done. State is shared-owned so a task that starts
-// after the work is finished finds nothing to do and touches nothing freed.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t chunks = 0;
-};
-
+// The output channels in chunks of kChunk, over the calling thread and XLA's intra-op pool (parallel_for.h).
 constexpr int64_t kChunk = 64;  // output channels per task: 64 x 1536 int8 = 96 KiB of weight
 
 template <typename W>
 ffi::Error Matvec(ffi::ThreadPool pool, const float* x, const W* w, const float* scale, float* y, int64_t R,
                   int64_t I, int64_t O) {
-  auto work = std::make_shared<Work>();
-  work->chunks = (O + kChunk - 1) / kChunk;
-  auto run = [=](Work& s) {
-    for (int64_t c; (c = s.next.fetch_add(1, std::memory_order_relaxed)) < s.chunks;) {
-      channels<W>(x, w, scale, y, R, I, O, c * kChunk, std::min(O, (c + 1) * kChunk));
-      s.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->chunks - 1);  // + the caller
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, run] { run(*work); });
-  run(*work);
-  while (work->done.load(std::memory_order_acquire) < work->chunks) {
-  }
+  llama_jax::parallel_for(pool, (O + kChunk - 1) / kChunk, [=](int64_t c) {
+    channels<W>(x, w, scale, y, R, I, O, c * kChunk, std::min(O, (c + 1) * kChunk));
+  });
   return ffi::Error::Success();
 }
 
