@@ -1,9 +1,10 @@
-"""Few-row products against int8 / bfloat16 weights on XLA:CPU, as jax.ffi custom calls.
+"""Few-row products against int8 / bfloat16 / float32 weights on XLA:CPU, as jax.ffi custom calls.
 
 Why: a decode step multiplies one activation row (or a few: a small batch, a speculative verify pass) by every
 weight. XLA:CPU lowers that product, with an int8 or bfloat16 weight cast in the dot, to a generated loop fusion
 whose speed depends on what it is fused with; and with two to a few rows it becomes an elementwise loop 4-10x
-slower than the float32 dot. The kernel in ``kernels/cpu_matvec.cc`` is the plain memory-bound product: the weight
+slower than the float32 dot. Even float32 weights are read 1.3-3x slower than the bandwidth allows by XLA's dot at
+2-16 rows. The kernel in ``kernels/cpu_matvec.cc`` is the plain memory-bound product: the weight
 stored [out, in] (the model's "out_in" decode layout), widened to float32 in registers, float32 accumulation, each
 weight read once per call whatever the row count, split over XLA's intra-op thread pool.
 
@@ -13,7 +14,7 @@ version and the CPU's flags, so machines of different ISAs never share a binary.
 ``LLAMA_JAX_CPU_KERNELS=0``, :func:`available` is False and :func:`llama_jax.model.project` keeps the XLA
 product (same results within float32 rounding, slower).
 
-Numerics: y[r, o] = scale[o] * sum_i x[r, i] * float(q[o, i]) (int8) or sum_i x[r, i] * float(w[o, i]) (bf16),
+Numerics: y[r, o] = scale[o] * sum_i x[r, i] * float(q[o, i]) (int8) or sum_i x[r, i] * float(w[o, i]) (bf16, float32),
 float32 accumulation in a different order than XLA's dot: equal within float32 rounding. Gradients (a custom VJP)
 use the XLA product, so training through a quantized or bf16 model is unchanged.
 """
@@ -41,13 +42,21 @@ from absl import logging
 #:   int8 kernel                   5.3   9.5  15.6  42.2  96.6  191.3
 #:   bf16 kernel                   8.1  13.2  30.6  90.5
 #:   bf16 x bf16 XLA dot (R > 1)         23    -    47
-MAX_ROWS = {"int8": 64, "bfloat16": 8}
+#:
+#: float32 weights stored [out, in], another machine of this kind (same shapes, ms):
+#:
+#:   rows                          1     2     4     8     16    32
+#:   float32 kernel               14.9  16.6  27.4  27.2  42.3  73.6
+#:   XLA dot, [out, in] weight    14.4  52.3  42.3  47.2  61.3  82.4
+#:   XLA dot, [in, out] weight    18.7  31.3  33.5  37.4  46.8  63.9
+MAX_ROWS = {"int8": 64, "bfloat16": 8, "float32": 32}
 
 _SOURCES = tuple(pathlib.Path(__file__).parent / "kernels" / f for f in ("cpu_matvec.cc", "cpu_decode_attention.cc"))
 _HEADERS = (pathlib.Path(__file__).parent / "kernels" / "parallel_for.h",)
 _TARGETS = {
     "llama_jax_matvec_i8": "LlamaJaxMatvecI8",
     "llama_jax_matvec_bf16": "LlamaJaxMatvecBF16",
+    "llama_jax_matvec_f32": "LlamaJaxMatvecF32",
     "llama_jax_decode_attention_f32": "LlamaJaxDecodeAttentionF32",
     "llama_jax_decode_attention_bf16": "LlamaJaxDecodeAttention16",
     "llama_jax_decode_attention_i8": "LlamaJaxDecodeAttentionI8",
@@ -112,7 +121,7 @@ def available() -> bool:
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
-        logging.warning("CPU int8/bf16 kernels unavailable, using XLA's product: %s", e)
+        logging.warning("CPU kernels unavailable, using XLA's product: %s", e)
         return False
     return True
 
@@ -123,7 +132,7 @@ def _one_device_cpu() -> bool:
 
 def usable(w: jax.Array, rows: int) -> bool:
     """Whether :func:`matmul` serves a product of ``rows`` activation rows with weight ``w`` [O, I] here: a CPU
-    backend with one device (the custom call is not partitioned over a mesh), int8 or bf16 ``w``, and
+    backend with one device (the custom call is not partitioned over a mesh), int8, bf16 or float32 ``w``, and
     1 <= rows <= :data:`MAX_ROWS` of its dtype."""
     return 1 <= rows <= MAX_ROWS.get(jnp.dtype(w.dtype).name, 0) and _one_device_cpu()
 
@@ -138,6 +147,8 @@ def _kernel_matmul(x, w, scale):
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     if w.dtype == jnp.int8:
         return jax.ffi.ffi_call("llama_jax_matvec_i8", out)(x, w, scale)
+    if w.dtype == jnp.float32:
+        return jax.ffi.ffi_call("llama_jax_matvec_f32", out)(x, w)
     return jax.ffi.ffi_call("llama_jax_matvec_bf16", out)(x, w)
 
 
@@ -156,7 +167,8 @@ _kernel_matmul.defvjp(_fwd, _bwd)
 
 def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """x [R, I] (any float dtype, R <= :data:`MAX_ROWS`) times w [O, I] (int8 with ``scale`` float [O], or
-    bfloat16 with no scale) -> float32 [R, O] = (x @ float(w).T) * scale. Call only where :func:`usable` is True.
+    bfloat16 / float32 with no scale) -> float32 [R, O] = (x @ float(w).T) * scale. Call only where :func:`usable`
+    is True.
 
     Raises ValueError on shapes that do not match, RuntimeError where the kernels are not built.
     """
@@ -164,7 +176,7 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Ar
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"cpu_kernels.matmul: want x [R, I] and w [O, I], got {x.shape} and {w.shape}")
     if (w.dtype == jnp.int8) != (scale is not None):
-        raise ValueError("cpu_kernels.matmul: an int8 weight needs its scale [O]; a bf16 weight takes none")
+        raise ValueError("cpu_kernels.matmul: an int8 weight needs its scale [O]; a bf16 or float32 weight takes none")
     if scale is not None:
         scale = scale.reshape(w.shape[0]).astype(jnp.float32)
     return _kernel_matmul(x.astype(jnp.float32), w, scale)

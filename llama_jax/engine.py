@@ -21,9 +21,10 @@ Design (ARCHITECTURE.md; gemma's ``_sampler_loop.py``):
   with the caller's), on a stop string (checked on the host), or after ``max_new_tokens``; per-token
   log-probabilities (of the unfiltered distribution) are returned.
 * On CPU the decoder layers are switched to the unstacked layout (a Python loop over per-layer weights) and
-  bf16/int8 matmul weights to the "out_in" layout (contracted axis last), chosen in :func:`decode_layout`:
-  XLA:CPU reads a stacked weight slice inside a scan at about half the bandwidth, and reads bf16/int8 weights in
-  place only when they are contracted on their last axis (ARCHITECTURE.md).
+  matmul weights to the "out_in" layout (contracted axis last; float32 ones where :mod:`llama_jax.cpu_kernels`
+  is built), chosen in :func:`decode_layout`: XLA:CPU reads a stacked weight slice inside a scan at about half the
+  bandwidth, and reads bf16/int8 weights in place only when they are contracted on their last axis
+  (ARCHITECTURE.md).
 * A persistent XLA compilation cache (``~/.cache/llama_jax/xla`` or ``$LLAMA_JAX_COMPILATION_CACHE``; set it to
   an empty string to disable) is switched on when an Engine is made, so a second run does not compile again.
 """
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import sampling
+from llama_jax import cpu_kernels, sampling
 from llama_jax.kv_cache import KVCache, init_cache, scatter_set
 from llama_jax.model import Llama
 
@@ -86,8 +87,11 @@ def decode_layout(weight_dtype=jnp.float32, backend: str | None = None) -> dict:
     * "cpu": unstacked layers (XLA:CPU reads a layer slice of a stacked weight inside a scan at about half the
       bandwidth). bfloat16 and int8 weights "out_in" (contracted axis last): XLA:CPU then streams them into the
       matrix-vector product as stored; "in_out" makes it write a float32 copy of every weight first (measured
-      13x slower). float32 weights stay "in_out": there XLA:CPU's own float32 matrix-vector product is faster
-      than the fused loop it emits for "out_in" (measured 1.5x on SmolLM2-shaped weights).
+      13x slower). float32 weights are "out_in" too where :mod:`llama_jax.cpu_kernels` is built: its few-row
+      product reads them at the bandwidth XLA's float32 dot reaches for one row, and is 1.3-3x faster than either
+      layout's XLA dot for 2-16 rows (a small batch, a speculative verify pass); more rows (prefill) take XLA's
+      dot, which is as fast in either layout there. Without the kernels float32 stays "in_out" (XLA's
+      float32 matrix-vector product, measured up to 1.5x faster than its "out_in" form).
       bfloat16 and int8 weights also compile the decode loops without XLA's while-loop invariant code motion
       (``compiler_options``): the cast of a weight to the compute dtype does not change from step to step, so that
       pass hoists it out of ``Engine.loop`` / ``Engine.steps`` and writes a float32 copy of every weight before the
@@ -100,7 +104,8 @@ def decode_layout(weight_dtype=jnp.float32, backend: str | None = None) -> dict:
     """
     if (backend or jax.default_backend()) == "cpu":
         if jnp.dtype(weight_dtype) == jnp.float32:
-            return {"unstack": True, "weight_layout": "in_out", "compiler_options": {}}
+            layout = "out_in" if cpu_kernels.available() else "in_out"
+            return {"unstack": True, "weight_layout": layout, "compiler_options": {}}
         return {"unstack": True, "weight_layout": "out_in", "compiler_options": dict(NO_HOISTED_WEIGHT_CASTS)}
     return {"unstack": False, "weight_layout": "in_out", "compiler_options": {}}
 
@@ -323,9 +328,12 @@ class Engine:
         layout = decode_layout(weight_storage_dtype(model))
         if unstack is None:
             unstack = layout["unstack"]
+        # the layout first, on the stacked arrays: each stacked weight is transposed whole (a buffer large enough
+        # to go back to the OS when freed) and then sliced once; per-layer transposes after the slicing would
+        # leave ~200 MB of freed small buffers in the heap for SmolLM2 (peak RSS +0.4x the weights)
+        model.set_weight_layout(weight_layout or layout["weight_layout"])
         if unstack:
             model.unstack_layers()
-        model.set_weight_layout(weight_layout or layout["weight_layout"])
         self.model = model
         self.config = model.config
         self.max_length = min(max_length or self.config.max_seq_len, self.config.max_seq_len)

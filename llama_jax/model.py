@@ -100,7 +100,7 @@ def project(x: jax.Array, param: nnx.Variable, name: str, out_dtype=None) -> jax
     dequantized as a whole: an int8 weight's scale multiplies the [.., out] result (w = q * scale per output
     channel, so x @ w = (x @ q) * scale). Both layouts are one 2-D ``x @ w`` / ``x @ w.T``, the form XLA:CPU
     streams a bf16/int8 "out_in" weight through without a float copy (see the module docstring). On a one-device
-    CPU backend, few-row products against int8/bf16 "out_in" weights run as :mod:`llama_jax.cpu_kernels` custom
+    CPU backend, few-row products against "out_in" weights run as :mod:`llama_jax.cpu_kernels` custom
     calls (same values within float32 rounding) and many-row ones as bf16 x bf16 -> f32 dots (:func:`_bf16_matmul`).
     """
     value = param.get_value()

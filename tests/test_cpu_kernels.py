@@ -1,4 +1,4 @@
-"""llama_jax.cpu_kernels: the int8 / bf16 few-row product custom calls equal XLA's product within float32
+"""llama_jax.cpu_kernels: the int8 / bf16 / float32 few-row product custom calls equal XLA's product within float32
 rounding, for every row count they take and for shapes off the vector width; gradients flow; the build is cached
 and atomic; the model routes to them only where they apply."""
 
@@ -36,7 +36,7 @@ def _operands(dtype, rows, n_in, n_out, seed=0):
         w = jnp.asarray(rng.integers(-127, 128, (n_out, n_in), dtype=np.int8))
         scale = jnp.asarray(rng.uniform(1e-3, 2e-2, n_out).astype(np.float32))
         return x, w, scale
-    w = jnp.asarray(rng.standard_normal((n_out, n_in), dtype=np.float32) * 0.05).astype(jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((n_out, n_in), dtype=np.float32) * 0.05).astype(dtype)
     return x, w, None
 
 
@@ -54,7 +54,7 @@ def _tolerance(x, w, scale):
     return 4 * np.sqrt(x.shape[1]) * np.finfo(np.float32).eps * ab + 1e-30
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("shape", [(576, 192), (1536, 576), (67, 129), (5, 3), (16, 1)])
 def test_product_equals_oracle(built, dtype, rows, shape):
@@ -68,13 +68,15 @@ def test_product_equals_oracle(built, dtype, rows, shape):
     np.testing.assert_array_less(np.abs(got - _oracle(x, w, scale)), _tolerance(x, w, scale))
 
 
-def test_int8_takes_up_to_its_row_limit_and_xla_takes_more(built):
-    x, w, scale = _operands("int8", cpu_kernels.MAX_ROWS["int8"], 96, 80)
+@pytest.mark.parametrize("dtype", ["int8", "float32"])
+def test_kernel_takes_up_to_its_row_limit_and_xla_takes_more(built, dtype):
+    rows = cpu_kernels.MAX_ROWS[dtype]
+    x, w, scale = _operands(dtype, rows, 96, 80)
     got = np.asarray(cpu_kernels.matmul(x, w, scale))
     np.testing.assert_array_less(np.abs(got - _oracle(x, w, scale)), _tolerance(x, w, scale))
-    assert cpu_kernels.usable(w, cpu_kernels.MAX_ROWS["int8"])
-    assert not cpu_kernels.usable(w, cpu_kernels.MAX_ROWS["int8"] + 1)
-    assert not cpu_kernels.usable(w.astype(jnp.float32), 1), "float32 weights keep XLA's dot"
+    assert cpu_kernels.usable(w, rows)
+    assert not cpu_kernels.usable(w, rows + 1)
+    assert not cpu_kernels.usable(w.astype(jnp.float16), 1), "float16 weights keep XLA's dot"
     assert not cpu_kernels.usable(w, 0)
 
 
@@ -107,14 +109,14 @@ def test_bad_operands_name_the_problem(built):
 
 
 def test_model_products_route_by_rows_dtype_and_layout(built):
-    """project() sends few-row int8/bf16 "out_in" products to the kernel and gives the same values as with the
+    """project() sends few-row int8/bf16/float32 "out_in" products to the kernel and gives the same values as with the
     kernels off (XLA's product), within float32 rounding."""
     from flax import nnx
 
     from llama_jax import model as model_lib
 
     rng = np.random.default_rng(3)
-    for dtype in ("int8", "bfloat16"):
+    for dtype in ("int8", "bfloat16", "float32"):
         _, w, scale = _operands(dtype, 1, 64, 48, seed=4)
         value = w if scale is None else cpu_kernels_qarray(w, scale)
         param = nnx.Param(
@@ -128,7 +130,7 @@ def test_model_products_route_by_rows_dtype_and_layout(built):
             got = np.asarray(model_lib.project(x, param, "gate_proj"))
             ref = _oracle(x, w, scale)
             tol = _tolerance(x, w, scale)
-            if rows > cpu_kernels.MAX_ROWS[dtype]:  # bf16 x bf16 -> f32: activations rounded to bfloat16
+            if rows > cpu_kernels.MAX_ROWS[dtype] and dtype != "float32":  # bf16 x bf16: activations rounded
                 tol = 2 * 2.0**-8 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w.astype(jnp.float32))).T)
                 tol = tol * (1 if scale is None else np.asarray(scale))
             np.testing.assert_array_less(np.abs(got - ref), tol + 1e-6)

@@ -93,8 +93,13 @@ def test_layout_errors_and_checkpoint_form(tmp_path):
     np.testing.assert_array_equal(np.asarray(again(tokens)), expect)
 
 
-def test_decode_layout_is_chosen_per_backend_and_dtype():
-    assert decode_layout(jnp.float32, "cpu") == {"unstack": True, "weight_layout": "in_out", "compiler_options": {}}
+def test_decode_layout_is_chosen_per_backend_and_dtype(monkeypatch):
+    # float32: "out_in" where the CPU kernels serve it, else XLA's float32 dot on the checkpoint's layout
+    f32 = {"unstack": True, "weight_layout": "out_in" if cpu_kernels.available() else "in_out", "compiler_options": {}}
+    assert decode_layout(jnp.float32, "cpu") == f32
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert decode_layout(jnp.float32, "cpu")["weight_layout"] == "in_out"
+    assert decode_layout(jnp.float32, "gpu") == {"unstack": False, "weight_layout": "in_out", "compiler_options": {}}
     for dt in (jnp.bfloat16, jnp.int8):
         assert decode_layout(dt, "cpu") == {
             "unstack": True,
@@ -156,7 +161,7 @@ def test_cpu_decode_step_reads_weights_as_stored(dtype, kernels, monkeypatch):
     """SmolLM2-shaped layers (D 576, F 1536, 9/3 heads): no instruction of the compiled decode step writes an array
     the size of a weight (a float copy of a bf16/int8 weight, or a layer slice of a stacked one), while the naive
     twin (stacked, "in_out") does, which shows the check sees such copies. With the CPU kernels
-    (:mod:`llama_jax.cpu_kernels`) the bf16/int8 products are their custom calls; without them, XLA's."""
+    (:mod:`llama_jax.cpu_kernels`) every product (float32 too) is their custom call; without them, XLA's."""
     if kernels and not cpu_kernels.available():
         pytest.skip("no C++ compiler here to build llama_jax.cpu_kernels")
     if not kernels:
@@ -192,7 +197,7 @@ def test_cpu_decode_step_reads_weights_as_stored(dtype, kernels, monkeypatch):
         assert not fast, f"{program}:\n" + "\n".join(fast)
         calls = len(re.findall(r'custom_call_target="llama_jax_matvec_', text))
         # 7 products per layer and the tied head, in the loop body (the step program) or the loop's
-        assert calls == (7 * cfg.n_layers + 1 if kernels and dtype != "float32" else 0), (program, calls)
+        assert calls == (7 * cfg.n_layers + 1 if kernels else 0), (program, calls)
     twin = _big_outputs(hlo(Engine(_model(dtype, cfg), max_length=64, unstack=False, weight_layout="in_out")), sizes)
     if dtype != "float32":
         assert twin, "the naive twin should copy its bf16/int8 weights to float (the check would be blind)"

@@ -1,9 +1,9 @@
-// Few-row matrix products against int8 / bfloat16 weights stored [out, in], for XLA:CPU (jax.ffi custom calls).
+// Few-row matrix products against int8 / bfloat16 / float32 weights stored [out, in], for XLA:CPU (jax.ffi custom calls).
 //
 //   y[r, o] = scale[o] * sum_i x[r, i] * float(w[o, i])        (int8 weight, per-output-channel scale)
-//   y[r, o] =            sum_i x[r, i] * float(w[o, i])        (bfloat16 weight)
+//   y[r, o] =            sum_i x[r, i] * float(w[o, i])        (bfloat16 or float32 weight)
 //
-// x: float32 [R, I]; w: int8 or bfloat16 (as uint16 bits) [O, I]; scale: float32 [O]; y: float32 [R, O].
+// x: float32 [R, I]; w: int8, bfloat16 (as uint16 bits) or float32 [O, I]; scale: float32 [O]; y: float32 [R, O].
 // Float32 accumulation; the weight is widened in registers and read once per call, whatever R is.
 //
 // Why: XLA:CPU lowers a one-row product against a weight cast in the dot to a generated loop that streams
@@ -21,6 +21,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+inline float widen(float v) { return v; }
 inline float widen(int8_t v) { return static_cast<float>(v); }
 inline float widen(uint16_t v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
 
@@ -28,6 +29,7 @@ inline float widen(uint16_t v) { return __builtin_bit_cast(float, static_cast<ui
 #include <immintrin.h>
 
 // 16 weights widened to float32 in registers; `mask` selects the valid lanes of a tail.
+inline __m512 widen16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 inline __m512 widen16(const int8_t* p, __mmask16 mask) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
 }
@@ -114,6 +116,14 @@ ffi::Error MatvecI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                         wd[0]);
 }
 
+ffi::Error MatvecF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("llama_jax_matvec_f32: want x [R, I], w [O, I]");
+  return Matvec<float>(pool, x.typed_data(), w.typed_data(), nullptr, y->typed_data(), xd[0], xd[1], wd[0]);
+}
+
 ffi::Error MatvecBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                       ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
@@ -138,4 +148,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxMatvecBF16, MatvecBF16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxMatvecF32, MatvecF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
