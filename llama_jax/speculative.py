@@ -127,15 +127,20 @@ class DraftModel:
                 partial(_draft_propose, self._engine.graphdef),
                 donate_argnames=("cache",),
                 static_argnames=("mode", "k"),
-                compiler_options=self._engine.loop_compiler_options or None,  # a loop of k+1 draft steps
+                compiler_options=self._engine.loop_compiler_options or None,  # a loop of draft steps
             )
         return self._engine
 
-    def propose(self, cache, last_token, key, settings, mode: SamplingMode, k: int | None = None):
+    def propose(self, cache, prev_token, last_token, key, settings, mode: SamplingMode, k: int | None = None):
         """(cache, tokens int32 [B, k], q float32 [B, k, V] or None when greedy) from the draft's cache
-        (k defaults to ``num_speculative``)."""
+        (k defaults to ``num_speculative``).
+
+        ``cache.lengths`` [B] is the position of ``prev_token`` [B], the token before ``last_token`` [B]: the first
+        draft step takes both (a 2-token chunk), so the draft's K/V of the token before the row's last one is
+        (re)written whether or not the previous round accepted every proposal, and k draft forwards give k
+        proposals (k + 1 would be needed to write the K/V of the k-th proposal after the fact)."""
         k = k or self.num_speculative
-        return self._propose(self._engine.params, cache, last_token, key, *settings, mode=mode, k=k)
+        return self._propose(self._engine.params, cache, prev_token, last_token, key, *settings, mode=mode, k=k)
 
 
 def _filtered(logits, temperature, top_k, top_p, min_p, mode: SamplingMode):
@@ -149,19 +154,18 @@ def _filtered(logits, temperature, top_k, top_p, min_p, mode: SamplingMode):
     )
 
 
-def _draft_propose(graphdef, params, cache, last_token, key, temperature, top_k, top_p, min_p, *, mode, k):
-    """k+1 draft decode steps from [x]: proposals d_1..d_k and their filtered distributions q [B, k, V]. The
-    (k+1)-th step only writes d_k's K/V (so a fully accepted round leaves the draft cache complete)."""
+def _draft_propose(graphdef, params, cache, prev_token, last_token, key, temperature, top_k, top_p, min_p, *, mode, k):
+    """k draft forwards from [prev, x] (cache lengths = prev's position): proposals d_1..d_k and their filtered
+    distributions q [B, k, V]. The first forward is the 2-token chunk [prev, x] (prev's K/V rewritten with the
+    same values when it is already there, written when the last round accepted all k proposals), then d_1 ..
+    d_{k-1} one at a time."""
     model = nnx.merge(graphdef, params)
     b = last_token.shape[0]
     v = model.config.vocab_size
-    drafts = jnp.zeros((b, k + 1), jnp.int32)
-    qs = None if mode.greedy else jnp.zeros((b, k + 1, v), jnp.float32)
+    drafts = jnp.zeros((b, k), jnp.int32)
+    qs = None if mode.greedy else jnp.zeros((b, k, v), jnp.float32)
 
-    def body(i, carry):
-        cache, tok, drafts, qs, key = carry
-        logits, cache = model(tok[:, None], kv_cache=cache)
-        logits = logits[:, 0]  # [B, V]
+    def emit(i, logits, drafts, qs, key):  # logits [B, V] -> proposal i
         if mode.greedy:
             nxt = sampling.greedy(logits)
         else:
@@ -171,10 +175,19 @@ def _draft_propose(graphdef, params, cache, last_token, key, temperature, top_k,
             nxt = jnp.where(temperature <= 0, sampling.greedy(logits), nxt)
             qs = jax.lax.dynamic_update_index_in_dim(qs, jax.nn.softmax(f, axis=-1), i, 1)
         drafts = jax.lax.dynamic_update_index_in_dim(drafts, nxt, i, 1)
-        return cache, nxt, drafts, qs, key
+        return nxt, drafts, qs, key
 
-    cache, _, drafts, qs, _ = jax.lax.fori_loop(0, k + 1, body, (cache, last_token, drafts, qs, key))
-    return cache, drafts[:, :k], None if qs is None else qs[:, :k]
+    logits, cache = model(jnp.stack([prev_token, last_token], axis=1), kv_cache=cache)  # [B, 2, V]
+    tok, drafts, qs, key = emit(0, logits[:, -1], drafts, qs, key)
+
+    def body(i, carry):
+        cache, tok, drafts, qs, key = carry
+        logits, cache = model(tok[:, None], kv_cache=cache)
+        tok, drafts, qs, key = emit(i, logits[:, 0], drafts, qs, key)
+        return cache, tok, drafts, qs, key
+
+    cache, _, drafts, qs, _ = jax.lax.fori_loop(1, k, body, (cache, tok, drafts, qs, key))
+    return cache, drafts, qs
 
 
 def first_layers(model: Llama, n: int) -> Llama:
@@ -381,7 +394,9 @@ def _run(engine, prompts, lookup, draft, k, max_new_tokens, settings, seed, stop
         last = jnp.asarray(np.asarray([t[-1] for t in toks], np.int32))
         key, k_draft, k_accept = jax.random.split(key, 3)
         if draft is not None:
-            d_cache, drafts, q = draft.propose(d_cache, last, k_draft, row_settings, mode, k)
+            prev = jnp.asarray(np.asarray([(list(prompts[r]) + t)[-2] for r, t in enumerate(toks)], np.int32))
+            d_cache = d_cache.replace(lengths=d_cache.lengths - 1)  # the position of prev
+            d_cache, drafts, q = draft.propose(d_cache, prev, last, k_draft, row_settings, mode, k)
         else:
             q = None
             drafts = np.zeros((n, k), np.int32)
