@@ -399,11 +399,13 @@ def _run(engine, prompts, lookup, draft, k, max_new_tokens, settings, seed, stop
             d_cache, drafts, q = draft.propose(d_cache, prev, last, k_draft, row_settings, mode, k)
         else:
             q = None
-            drafts = np.zeros((n, k), np.int32)
+            drafts, matched = np.zeros((n, k), np.int32), 0
             for r in range(n):
                 if not done[r]:
-                    drafts[r] = lookup.propose(list(prompts[r]) + toks[r])[0]
-            drafts = jnp.asarray(drafts)
+                    drafts[r], m = lookup.propose(list(prompts[r]) + toks[r])
+                    matched = max(matched, m)
+            # no row has a match: a plain decode step (a verify pass of one token) instead of k + 1 tokens of filler
+            drafts = jnp.asarray(drafts if matched else drafts[:, :0])
         cache, out, out_lp, acc = verify(
             engine.params, cache, last, drafts, q, jnp.asarray(done), k_accept, *row_settings, mode=mode
         )
@@ -412,7 +414,7 @@ def _run(engine, prompts, lookup, draft, k, max_new_tokens, settings, seed, stop
         out, out_lp, acc = np.asarray(out), np.asarray(out_lp), np.asarray(acc)
         for r in np.nonzero(~done)[0]:
             rounds[r] += 1
-            proposed[r] += k
+            proposed[r] += drafts.shape[1]
             accepted[r] += acc[r]
             for j in range(acc[r] + 1):
                 toks[r].append(int(out[r, j]))

@@ -61,6 +61,23 @@ def test_prompt_lookup_greedy_identical_ragged_rows(smol):
     assert max(rates) > 0 and rates[3] > min(rates[:3]), rates
 
 
+def test_prompt_lookup_without_a_match_takes_plain_steps(smol, monkeypatch):
+    """A round where no row's n-gram matches proposes nothing: a one-token verify pass (a plain decode step), not
+    k filler tokens; the tokens are still plain greedy's."""
+    engine, prompts, plain, _, tol = smol
+    seen = []
+
+    def no_match(self, seq):
+        seen.append(len(seq))
+        return [int(seq[-1])] * self.num_speculative, 0
+
+    monkeypatch.setattr(speculative.PromptLookup, "propose", no_match)
+    (spec,) = engine.generate(prompts[:1], max_new_tokens=12, speculative="prompt_lookup", num_speculative=4)
+    assert spec.tokens == plain[0].tokens[:12]
+    np.testing.assert_allclose(spec.logprobs, plain[0].logprobs[:12], rtol=0, atol=tol)
+    assert seen and spec.speculative["proposed"] == 0 and spec.speculative["rounds"] == 11, spec.speculative
+
+
 def test_first_layers_self_draft_greedy_identical(smol, smollm2_checkpoint):
     engine, prompts, plain, _, tol = smol
     draft = speculative.self_draft(smollm2_checkpoint, layers=10)
