@@ -34,22 +34,22 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-#: The most activation rows the kernel takes, by weight dtype; more rows (prefill chunks, large batches) go to
-#: XLA's matrix product. Measured on SmolLM2-shaped layers (30 x q/k/v/o/gate/up/down, 2-core AVX-512 CPU), ms:
+#: The most activation rows the kernel takes, by weight dtype; more rows (prefill chunks) go to XLA's matrix
+#: product. Measured on SmolLM2-shaped layers (30 x q/k/v/o/gate/up/down, weights [out, in], 2-core AVX-512 CPU,
+#: min of 21 runs, ms; `4x4 tiles` is the register-tiled kernel of kernels/cpu_matvec.cc, `1-row` the one before it):
 #:
-#:   rows                          1     4     8     32    64    128
-#:   float32 XLA dot              15.9  43.7  39.1  70.9  104.7 185.5
-#:   int8 kernel                   5.3   9.5  15.6  42.2  96.6  191.3
-#:   bf16 kernel                   8.1  13.2  30.6  90.5
-#:   bf16 x bf16 XLA dot (R > 1)         23    -    47
+#:   rows                          1     2     4     5     8     16    32    64
+#:   float32, 4x4 tiles           14.2  17.0  16.4  18.7  20.8  28.8  46.7  94.3
+#:   float32, 1-row kernel        16.2  15.2  20.5  20.1  23.5  33.1  54.4
+#:   bf16, 4x4 tiles               6.6   6.8   7.9  10.9  13.9  24.5  45.0  95.8
+#:   bf16, 1-row kernel            7.5   8.5  14.3  15.7  25.0
+#:   int8, 4x4 tiles               3.6   3.9   6.2   8.6  11.4  21.9  42.4  84.1
+#:   int8, 1-row kernel            4.2   5.2   7.5   9.8  12.9  22.6  42.1
 #:
-#: float32 weights stored [out, in], another machine of this kind (same shapes, ms):
-#:
-#:   rows                          1     2     4     8     16    32
-#:   float32 kernel               14.9  16.6  27.4  27.2  42.3  73.6
-#:   XLA dot, [out, in] weight    14.4  52.3  42.3  47.2  61.3  82.4
-#:   XLA dot, [in, out] weight    18.7  31.3  33.5  37.4  46.8  63.9
-MAX_ROWS = {"int8": 64, "bfloat16": 8, "float32": 32}
+#: XLA's float32 dot on the same shapes (another machine of this kind): [out, in] weight 14.4 / 52.3 / 42.3 / 47.2 /
+#: 61.3 / 82.4 ms at 1 / 2 / 4 / 8 / 16 / 32 rows; [in, out] weight 18.7 / 31.3 / 33.5 / 37.4 / 46.8 / 63.9, and
+#: 104.7 / 185.5 at 64 / 128 rows, where the tiled kernel (94.3 at 64, 183 at 128) stops gaining.
+MAX_ROWS = {"int8": 64, "bfloat16": 64, "float32": 64}
 
 _SOURCES = tuple(pathlib.Path(__file__).parent / "kernels" / f for f in ("cpu_matvec.cc", "cpu_decode_attention.cc"))
 _HEADERS = (pathlib.Path(__file__).parent / "kernels" / "parallel_for.h",)

@@ -58,8 +58,9 @@ def _tolerance(x, w, scale):
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("shape", [(576, 192), (1536, 576), (67, 129), (5, 3), (16, 1)])
 def test_product_equals_oracle(built, dtype, rows, shape):
-    """Row counts that exercise the 4-, 2- and 1-row blocks; input sizes off the 16/32-lane vector width (the
-    masked tail) and output sizes off the 64-channel task chunk."""
+    """Row counts that exercise the one-row path, the 4-row tiles and their 3-, 2- and 1-row remainders; input sizes
+    off the 16/32-lane vector width (the masked tail) and output sizes off the 4-channel tile and the 64-channel task
+    chunk."""
     n_in, n_out = shape
     x, w, scale = _operands(dtype, rows, n_in, n_out, seed=rows)
     assert cpu_kernels.usable(w, rows)
@@ -68,7 +69,7 @@ def test_product_equals_oracle(built, dtype, rows, shape):
     np.testing.assert_array_less(np.abs(got - _oracle(x, w, scale)), _tolerance(x, w, scale))
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float32"])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
 def test_kernel_takes_up_to_its_row_limit_and_xla_takes_more(built, dtype):
     rows = cpu_kernels.MAX_ROWS[dtype]
     x, w, scale = _operands(dtype, rows, 96, 80)

@@ -8,8 +8,12 @@
 //
 // Why: XLA:CPU lowers a one-row product against a weight cast in the dot to a generated loop that streams
 // int8 at ~10 GB/s and bf16 at ~15 GB/s, half of what the float32 dot reaches, so int8/bf16 decode paid in time what
-// it saved in bytes. This loop is the textbook memory-bound matrix-vector product (vectorised by the compiler
-// with `omp simd`, built for the host ISA by llama_jax/cpu_kernels.py) split over XLA's intra-op thread pool.
+// it saved in bytes; and XLA's float32 dot reads the weight 1.3-3x slower than the bandwidth allows at 2-16 rows.
+// Here: one row is the textbook memory-bound matrix-vector product (one linear weight stream); several rows are
+// register tiles of 4 rows x 4 output channels (16 FMAs for every 8 loads; the next tile prefetched as one linear
+// stream), so a speculative verify chunk or a small batch costs little more than one row. AVX-512 intrinsics where
+// the host has them, otherwise a loop the compiler vectorises (`omp simd`); built for the host ISA by
+// llama_jax/cpu_kernels.py; output channels split over XLA's intra-op thread pool.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -37,63 +41,126 @@ inline __m512 widen16(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
-// acc[r] = sum_i xr[r][i] * w[i] for kRows rows; two vectors per step so one row still has two FMA chains.
-template <typename W, int kRows>
-inline void dot_rows(const float* const* xr, const W* w, int64_t I, float* acc) {
-  __m512 a[kRows][2];
-  for (int r = 0; r < kRows; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= I; i += 32) {
-    const __m512 w0 = widen16(w + i, 0xFFFF), w1 = widen16(w + i + 16, 0xFFFF);
-    for (int r = 0; r < kRows; ++r) {
-      a[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + i), w0, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + i + 16), w1, a[r][1]);
+// The four lane sums of a[0..3], as one vector [sum a0, sum a1, sum a2, sum a3].
+inline __m256 halves(__m512 a) {
+  return _mm256_add_ps(_mm512_extractf32x8_ps(a, 0), _mm512_extractf32x8_ps(a, 1));
+}
+inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(halves(a0), halves(a1)), _mm256_hadd_ps(halves(a2), halves(a3)));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// A register tile: y[r0 + r, o0 + o] for r < kR, o < kO (kO = 1 or a multiple of 4). Every step loads kO weight
+// vectors and kR activation vectors for kR x kO FMAs, so a tile of several rows is bound by the FMA rate, not by
+// loads; the lane sums are taken once per tile.
+template <typename W, int kR, int kO>
+inline void tile(const float* x, const W* w, const float* scale, float* y, int64_t I, int64_t O, int64_t r0,
+                 int64_t o0) {
+  __m512 a[kR * kO];  // a[r * kO + o]: one flat array, which GCC keeps in registers (a 2-D one it spills)
+  #pragma GCC unroll 16
+  for (int j = 0; j < kR * kO; ++j) a[j] = _mm512_setzero_ps();
+  const W* wo = w + o0 * I;
+  const char* next = reinterpret_cast<const char*>(wo + kO * I);
+  const float* xr = x + r0 * I;
+  for (int64_t i = 0; i < I; i += 16) {
+    const __mmask16 m = I - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (I - i)) - 1);
+    // The next tile's weights, kO x I contiguous, fetched as one linear stream at the rate this one is read:
+    // each weight row of a tile is too short a stream for the hardware prefetcher to learn.
+    #pragma GCC unroll 16
+    for (int b = 0; b < kO * 16 * int(sizeof(W)); b += 64) _mm_prefetch(next + i * kO * sizeof(W) + b, _MM_HINT_T0);
+    __m512 wv[kO];
+    #pragma GCC unroll 16
+    for (int o = 0; o < kO; ++o) wv[o] = widen16(wo + o * I + i, m);
+    #pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xr + r * I + i);
+      #pragma GCC unroll 16
+      for (int o = 0; o < kO; ++o) a[r * kO + o] = _mm512_fmadd_ps(xv, wv[o], a[r * kO + o]);
     }
   }
-  for (; i < I; i += 16) {
-    const __mmask16 m = I - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (I - i)) - 1);
-    const __m512 w0 = widen16(w + i, m);
-    for (int r = 0; r < kRows; ++r) a[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xr[r] + i), w0, a[r][0]);
-  }
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
-}
-#else
-// Portable form: the compiler vectorises the widening multiply-add for the host ISA.
-template <typename W, int kRows>
-inline void dot_rows(const float* const* xr, const W* w, int64_t I, float* acc) {
-  for (int r = 0; r < kRows; ++r) {
-    float a = 0.f;
-    const float* x = xr[r];
-#pragma omp simd reduction(+ : a)
-    for (int64_t i = 0; i < I; ++i) a += x[i] * widen(w[i]);
-    acc[r] = a;
+  #pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r) {
+    float* yr = y + (r0 + r) * O + o0;
+    if constexpr (kO % 4 != 0) {
+#pragma GCC unroll 16
+      for (int o = 0; o < kO; ++o) yr[o] = _mm512_reduce_add_ps(a[r * kO + o]) * (scale ? scale[o0 + o] : 1.f);
+    } else {
+      #pragma GCC unroll 16
+      for (int o = 0; o < kO; o += 4) {
+        __m128 v = sum4(a[r * kO + o], a[r * kO + o + 1], a[r * kO + o + 2], a[r * kO + o + 3]);
+        if (scale) v = _mm_mul_ps(v, _mm_loadu_ps(scale + o0 + o));
+        _mm_storeu_ps(yr + o, v);
+      }
+    }
   }
 }
-#endif
 
-// Output channels [o0, o1) for rows [r0, r0 + kRows); each weight row is read from memory once per call and from
-// L1 for the other row groups.
-template <typename W, int kRows>
+// Output channels [o0, o1) for rows [r0, r0 + kR), in tiles of kO channels and a one-channel tail.
+template <typename W, int kR, int kO>
 void rows_block(const float* x, const W* w, const float* scale, float* y, int64_t I, int64_t O, int64_t r0,
                 int64_t o0, int64_t o1) {
-  const float* xr[kRows];
-  for (int r = 0; r < kRows; ++r) xr[r] = x + (r0 + r) * I;
+  int64_t o = o0;
+  for (; o + kO <= o1; o += kO) tile<W, kR, kO>(x, w, scale, y, I, O, r0, o);
+  for (; o < o1; ++o) tile<W, kR, 1>(x, w, scale, y, I, O, r0, o);
+}
+
+// A single row (decode at batch 1): one weight row after another, a single linear stream the hardware prefetcher
+// follows, two FMA chains per row. Measured faster here than 4-channel tiles, whose short row streams it does not.
+template <typename W>
+void one_row(const float* x, const W* w, const float* scale, float* y, int64_t I, int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; ++o) {
-    float acc[kRows];
-    dot_rows<W, kRows>(xr, w + o * I, I, acc);
-    const float s = scale ? scale[o] : 1.f;
-    for (int r = 0; r < kRows; ++r) y[(r0 + r) * O + o] = acc[r] * s;
+    const W* wo = w + o * I;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), widen16(wo + i, 0xFFFF), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), widen16(wo + i + 16, 0xFFFF), a1);
+    }
+    for (; i < I; i += 16) {
+      const __mmask16 m = I - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (I - i)) - 1);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), widen16(wo + i, m), a0);
+    }
+    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * (scale ? scale[o] : 1.f);
   }
 }
 
+// Tiles of 4 channels by up to 4 rows (16 accumulators: 16 FMAs for 8 loads a step). Each row group after the
+// first reads the chunk's weights from L1/L2. (6-row tiles, 24 accumulators, measured slower.)
 template <typename W>
 void channels(const float* x, const W* w, const float* scale, float* y, int64_t R, int64_t I, int64_t O,
               int64_t o0, int64_t o1) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) rows_block<W, 4>(x, w, scale, y, I, O, r, o0, o1);
-  for (; r + 2 <= R; r += 2) rows_block<W, 2>(x, w, scale, y, I, O, r, o0, o1);
-  for (; r < R; ++r) rows_block<W, 1>(x, w, scale, y, I, O, r, o0, o1);
+  for (; r + 4 <= R; r += 4) rows_block<W, 4, 4>(x, w, scale, y, I, O, r, o0, o1);
+  switch (R - r) {
+    case 3: rows_block<W, 3, 4>(x, w, scale, y, I, O, r, o0, o1); break;
+    case 2: rows_block<W, 2, 4>(x, w, scale, y, I, O, r, o0, o1); break;
+    case 1:
+      if (R == 1)
+        one_row(x, w, scale, y, I, o0, o1);
+      else
+        rows_block<W, 1, 4>(x, w, scale, y, I, O, r, o0, o1);
+      break;
+    default: break;
+  }
 }
+#else
+// Portable form: the compiler vectorises the widening multiply-add for the host ISA.
+template <typename W>
+void channels(const float* x, const W* w, const float* scale, float* y, int64_t R, int64_t I, int64_t O,
+              int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const W* wo = w + o * I;
+    const float s = scale ? scale[o] : 1.f;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* xr = x + r * I;
+      float a = 0.f;
+#pragma omp simd reduction(+ : a)
+      for (int64_t i = 0; i < I; ++i) a += xr[i] * widen(wo[i]);
+      y[r * O + o] = a * s;
+    }
+  }
+}
+#endif
 
 // The output channels in chunks of kChunk, over the calling thread and XLA's intra-op pool (parallel_for.h).
 constexpr int64_t kChunk = 64;  // output channels per task: 64 x 1536 int8 = 96 KiB of weight
