@@ -1,17 +1,22 @@
 """Benchmark: speculative decoding on CPU, SmolLM2-135M-Instruct, plain greedy vs each proposer.
 
     python experiments/bench_speculative.py [--new_tokens=128] [--repeats=3] [--passage_tokens=1500] \
-        [--proposers=plain,prompt_lookup,int8,layers] [--num_speculative=4] [--ngram=3] [--draft_layers=10]
+        [--proposers=plain,prompt_lookup,int8,layers] [--tasks=summarise,extract,chat] [--num_speculative=4] \
+        [--lookup_speculative=6] [--ngram=3] [--draft_layers=10]
 
-Tasks (batch 1, greedy, chat format): (a) "summarise": a ~--passage_tokens passage built from the repository's
-experiments/data/kjv_wisdom.jsonl (Proverbs, Ecclesiastes...) and the instruction to summarise it, prompt lookup's
-home ground (the answer copies phrases of the input); (b) "chat": the three chat prompts of tests/test_generate.py.
+Tasks (batch 1, greedy, chat format), on a ~--passage_tokens passage built from the repository's
+experiments/data/kjv_wisdom.jsonl (Proverbs, Ecclesiastes...): (a) "summarise": the instruction to summarise it,
+quoting its key sayings (SmolLM2-135M answers this in its own words: an abstractive summary); (b) "extract": the
+passage, then the instruction to list its key sayings quoted exactly (an extractive summary, prompt lookup's home
+ground: the answer copies the input, and this small model goes on to repeat its own lines); (c) "chat": the three
+chat prompts of tests/test_generate.py.
 Proposers: plain (no speculation), prompt_lookup (n-gram match), int8 (the same checkpoint with int8 weights as the
 draft), layers (its first --draft_layers layers as the draft). Every speculative run is checked token for token
-against plain greedy (the "same" column). Reported: decode tokens/s (new tokens after the first / wall time of the
-generate call minus that of a 1-token run, i.e. without prefill; medians over --repeats after a warm-up run that
-compiles), speedup over plain, acceptance rate (accepted / proposed tokens) and mean tokens per verify step. On a
-shared machine compare ratios, not figures.
+against plain greedy (the "same" column). Reported: decode tokens/s (tokens after the first over the time from
+the first token to the last: plain decoding's device loop after Engine.start, a speculative run's stream), the
+median over prompts x --repeats after a warm-up run of each that compiles; speedup: the median of the per-run
+ratios to plain, the proposers taking turns within a repeat so that a slower spell of a shared machine hits them
+alike; acceptance rate (accepted / proposed tokens) and mean tokens per verify step.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
 flags.DEFINE_integer("passage_tokens", 1500, "Approximate length of the passage to summarise.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median reported).")
 flags.DEFINE_list("proposers", ["plain", "prompt_lookup", "int8", "layers"], "What to measure.")
-flags.DEFINE_list("tasks", ["summarise", "chat"], "Tasks to measure.")
-flags.DEFINE_integer("num_speculative", 4, "k: tokens proposed per verify step.")
+flags.DEFINE_list("tasks", ["summarise", "extract", "chat"], "Tasks to measure.")
+flags.DEFINE_integer("num_speculative", 4, "k: tokens proposed per verify step by a draft model.")
+flags.DEFINE_integer(
+    "lookup_speculative", 6, "k of prompt lookup (a full n-gram match proposes k tokens, a shorter one fewer)."
+)
 flags.DEFINE_integer("ngram", 3, "Prompt lookup n-gram size.")
 flags.DEFINE_integer("draft_layers", 10, "Layers of the first-layers self-draft.")
 flags.DEFINE_bool("json", False, "Also print the rows as JSON lines.")
@@ -58,6 +66,8 @@ def passage(tokenizer, n_tokens: int) -> str:
 
 def main(argv):
     del argv
+    import jax
+
     from llama_jax import checkpoint, speculative
     from llama_jax.chat import chat_format_for
     from llama_jax.default_model import default_checkpoint
@@ -71,12 +81,17 @@ def main(argv):
     if unknown:
         print(f"--proposers: unknown {sorted(unknown)}", file=sys.stderr)
         return 2
+    unknown = set(FLAGS.tasks) - {"summarise", "extract", "chat"}
+    if unknown:
+        print(f"--tasks: unknown {sorted(unknown)} (choose from summarise, extract, chat)", file=sys.stderr)
+        return 2
     path = FLAGS.checkpoint or default_checkpoint(quiet=True)
     tokenizer = Tokenizer.from_file(checkpoint.tokenizer_dir(path))
     fmt = chat_format_for(tokenizer)
     text = passage(tokenizer, FLAGS.passage_tokens)
     tasks = {
         "summarise": ["Summarise the following passage, quoting its key sayings.\n\n" + text],
+        "extract": [text + "\n\nList the key sayings of the passage above, quoted exactly."],
         "chat": CHAT,
     }
     engine = Engine(checkpoint.load(path), max_length=4096)
@@ -90,56 +105,70 @@ def main(argv):
         if name == "plain":
             return {}
         if name == "prompt_lookup":
-            return dict(speculative="prompt_lookup", num_speculative=FLAGS.num_speculative, ngram=FLAGS.ngram)
+            return dict(speculative="prompt_lookup", num_speculative=FLAGS.lookup_speculative, ngram=FLAGS.ngram)
         return dict(speculative="draft", draft=drafts[name], num_speculative=FLAGS.num_speculative)
+
+    def decode(p, name):
+        """(seconds, completion) of one batch-1 generation's decode: after the first token to the last. Plain:
+        the device loop after Engine.start; speculative: the stream from its first token to its last."""
+        if name == "plain":
+            ds = engine.start([p], max_new_tokens=FLAGS.new_tokens)
+            jax.block_until_ready(ds.tokens)
+            t = time.perf_counter()
+            ds = engine.loop(ds)
+            jax.block_until_ready(ds.tokens)
+            return time.perf_counter() - t, engine._completions(ds, [p], (), None)[0]
+        stamps, last = [], None
+        for item in engine.generate([p], max_new_tokens=FLAGS.new_tokens, stream=True, **kwargs(name)):
+            stamps.append(time.perf_counter())
+            last = item
+        return stamps[-2] - stamps[0], last[0]  # the last item is the list of Completions
 
     rows = []
     for task in FLAGS.tasks:
         prompts = [fmt.encode_dialog_prompt([{"role": "user", "content": p}]) for p in tasks[task]]
-        reference = None
+        # per proposer: decode tok/s per (prompt, repeat); the proposers take turns within a repeat, so a slower
+        # spell of a shared machine hits them alike and each repeat gives a ratio to plain of its own
+        rates = {name: [] for name in FLAGS.proposers}
+        outs = {}
+        for i, p in enumerate(prompts):  # batch 1
+            for name in FLAGS.proposers:
+                decode(p, name)  # warm-up: compiles
+            for _ in range(FLAGS.repeats):
+                for name in FLAGS.proposers:
+                    seconds, out = decode(p, name)
+                    rates[name].append((len(out.tokens) - 1) / seconds)
+                    outs[name, i] = out
+        reference = [outs["plain", i].tokens for i in range(len(prompts))] if "plain" in FLAGS.proposers else None
         for name in FLAGS.proposers:
-            tokens_per_s, same, stats = [], True, []
-            kw = kwargs(name)
-            for p in prompts:  # batch 1
-
-                def timed(n, p=p, kw=kw):
-                    engine.generate([p], max_new_tokens=n, **kw)  # warm-up (compiles)
-                    times, out = [], None
-                    for _ in range(FLAGS.repeats):
-                        t = time.perf_counter()
-                        out = engine.generate([p], max_new_tokens=n, **kw)
-                        times.append(time.perf_counter() - t)
-                    return statistics.median(times), out
-
-                t_prefill, _ = timed(1)  # prefill (target and draft) + the first token
-                t_full, out = timed(FLAGS.new_tokens)
-                decode = t_full - t_prefill  # noise on a loaded machine can exceed a short decode: more --repeats
-                tokens_per_s.append((len(out[0].tokens) - 1) / decode if decode > 0 else float("nan"))
-                stats.append(out[0])
-            if name == "plain":
-                reference = [c.tokens for c in stats]
-            elif reference is not None:
-                same = all(c.tokens == r for c, r in zip(stats, reference, strict=True))
+            stats = [outs[name, i] for i in range(len(prompts))]
+            same = reference is None or all(c.tokens == r for c, r in zip(stats, reference, strict=True))
             rate = speculative.acceptance_rate(stats) if name != "plain" else None
             steps = sum(c.speculative["rounds"] for c in stats) if name != "plain" else None
             per_step = sum(len(c.tokens) - 1 for c in stats) / steps if steps else None
+            speedup = None
+            if reference is not None:
+                speedup = statistics.median(a / b for a, b in zip(rates[name], rates["plain"], strict=True))
             rows.append(
                 dict(
                     task=task,
                     proposer=name,
                     prompt_tokens=max(len(p) for p in prompts),
-                    tokens_per_s=statistics.mean(tokens_per_s),
+                    tokens_per_s=statistics.median(rates[name]),
+                    speedup=speedup,
                     acceptance=rate,
                     tokens_per_step=per_step,
                     same=same if name != "plain" else None,
                 )
             )
-    base = {r["task"]: r["tokens_per_s"] for r in rows if r["proposer"] == "plain"}
-    print(f"SmolLM2-135M-Instruct, CPU, batch 1, greedy, {FLAGS.new_tokens} new tokens, k={FLAGS.num_speculative}")
+    print(
+        f"SmolLM2-135M-Instruct, CPU, batch 1, greedy, {FLAGS.new_tokens} new tokens, k={FLAGS.num_speculative} "
+        f"(drafts), k={FLAGS.lookup_speculative} (prompt lookup, n-gram {FLAGS.ngram})"
+    )
     head = f"{'task':10} {'proposer':14} {'prompt':>6} {'dec tok/s':>9} {'speedup':>8} {'accept':>7} {'tok/step':>8}"
     print(head + " same")
     for r in rows:
-        speed = r["tokens_per_s"] / base[r["task"]] if r["task"] in base else float("nan")
+        speed = float("nan") if r["speedup"] is None else r["speedup"]
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
         per = "-" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
         same = "-" if r["same"] is None else ("yes" if r["same"] else "NO")

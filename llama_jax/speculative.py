@@ -59,8 +59,13 @@ SPECULATIVE_MODES = ("prompt_lookup", "draft")
 # ------------------------------------------------------------------------------------------- proposers
 @dataclasses.dataclass(frozen=True)
 class PromptLookup:
-    """Prompt lookup: proposes the k tokens that followed the most recent earlier occurrence of the last n tokens
+    """Prompt lookup: proposes the tokens that followed the most recent earlier occurrence of the last n tokens
     of prompt + generated text (n = ``ngram`` down to 1, the longest n that matches wins). No second model.
+
+    A full ``ngram`` match proposes k = ``num_speculative`` tokens; a shorter match, a weaker guess, proposes
+    k / 2^(ngram - n) (at least 1): with ngram 3 and k 4, a 2-token match proposes 2 and a 1-token match 1. On
+    SmolLM2 summaries (experiments/bench_speculative.py) a 1-token match's 4-token guess was wrong at its first
+    token ~3 times in 4, and each proposed token costs ~0.1 of a decode step to verify.
 
     Raises ValueError for ``ngram`` or ``num_speculative`` < 1 (named).
     """
@@ -75,18 +80,19 @@ class PromptLookup:
             raise ValueError(f"num_speculative must be >= 1, got {self.num_speculative}")
 
     def propose(self, seq: Sequence[int]) -> tuple[list[int], int]:
-        """k proposed tokens after ``seq`` (token ids), and how many of them come from a match (the rest repeat
-        the last token: a fixed-shape filler the target verifies like any other guess)."""
-        k = self.num_speculative
+        """The proposed tokens after ``seq`` (token ids; none without a match) and how many of them come from the
+        match (fewer when the match is near the end: the rest repeat the last token, a filler the target
+        verifies like any other guess)."""
         arr = np.asarray(seq, np.int64)
         for n in range(min(self.ngram, len(arr) - 1), 0, -1):
             windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # [len-n, n]: arr[j:j+n], j+n < len
             hits = np.nonzero((windows == arr[-n:]).all(axis=1))[0]
             if hits.size:
+                m = max(1, self.num_speculative >> (self.ngram - n))
                 j = int(hits[-1]) + n
-                cont = arr[j : j + k].tolist()
-                return cont + [int(arr[-1])] * (k - len(cont)), len(cont)
-        return [int(arr[-1])] * k, 0
+                cont = arr[j : j + m].tolist()
+                return cont + [int(arr[-1])] * (m - len(cont)), len(cont)
+        return [], 0
 
 
 class DraftModel:
@@ -399,13 +405,18 @@ def _run(engine, prompts, lookup, draft, k, max_new_tokens, settings, seed, stop
             d_cache, drafts, q = draft.propose(d_cache, prev, last, k_draft, row_settings, mode, k)
         else:
             q = None
-            drafts, matched = np.zeros((n, k), np.int32), 0
+            guesses = [[] for _ in range(n)]
             for r in range(n):
                 if not done[r]:
-                    drafts[r], m = lookup.propose(list(prompts[r]) + toks[r])
-                    matched = max(matched, m)
-            # no row has a match: a plain decode step (a verify pass of one token) instead of k + 1 tokens of filler
-            drafts = jnp.asarray(drafts if matched else drafts[:, :0])
+                    guess, matched = lookup.propose(list(prompts[r]) + toks[r])
+                    guesses[r] = guess if matched else []
+            # rows pad to the longest guess with their last token; no guess at all: a plain decode step (a verify
+            # pass of one token). Widths come from a few values (k / 2^j, 0), so a few compilations.
+            width = max(len(g) for g in guesses)
+            drafts = np.zeros((n, width), np.int32)
+            for r, g in enumerate(guesses):
+                drafts[r] = g + [toks[r][-1]] * (width - len(g))
+            drafts = jnp.asarray(drafts)
         cache, out, out_lp, acc = verify(
             engine.params, cache, last, drafts, q, jnp.asarray(done), k_accept, *row_settings, mode=mode
         )

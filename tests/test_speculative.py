@@ -237,9 +237,14 @@ def test_bad_api_values_refused(tiny, kw, match):
 
 def test_prompt_lookup_proposals():
     pl = speculative.PromptLookup(ngram=2, num_speculative=3)
-    assert pl.propose([5, 6, 7, 8, 9, 5, 6]) == ([7, 8, 9], 3)  # the 2-gram (5, 6) seen before
-    assert pl.propose([1, 2, 3, 2]) == ([3, 2, 2], 2)  # falls back to the 1-gram, padded with the last token
-    assert pl.propose([1, 2, 3]) == ([3, 3, 3], 0)  # no match: filler
+    assert pl.propose([5, 6, 7, 8, 9, 5, 6]) == ([7, 8, 9], 3)  # the 2-gram (5, 6) seen before: k tokens
+    assert pl.propose([1, 2, 3, 2]) == ([3], 1)  # falls back to the 1-gram: k / 2 tokens (at least 1)
+    assert pl.propose([1, 2, 3]) == ([], 0)  # no match: nothing proposed
+    pl = speculative.PromptLookup(ngram=3, num_speculative=4)
+    assert pl.propose([7, 1, 2, 3, 9, 9, 1, 2, 3]) == ([9, 9, 1, 2], 4)  # the 3-gram: 4 tokens
+    assert pl.propose([7, 1, 2, 3, 8, 5, 2, 3]) == ([8, 5], 2)  # the 2-gram (2, 3): 4 / 2
+    assert pl.propose([7, 1, 2, 3, 8, 5, 3]) == ([8], 1)  # the 1-gram (3): 4 / 4
+    assert pl.propose([4, 1, 2, 3, 1, 2, 3]) == ([1, 2, 3, 3], 3)  # the match runs into the end: filler
 
 
 @pytest.mark.parametrize(

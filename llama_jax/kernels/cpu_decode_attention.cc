@@ -96,7 +96,7 @@ void accumulate_generic(const float* p, int64_t ld, const float* v, int64_t stri
 
 // s[0..7] = the sums of the 16 lanes of a[0..7]: one shuffle-and-add tree for the eight (about 3 instructions a
 // key, against 8 for a reduction each).
-inline void reduce8(const __m512* a, float* s) {
+__attribute__((always_inline)) inline void reduce8(const __m512* a, float* s) {
   __m512 x[4];  // x[i]: 128-bit lanes [a_i, a_i, a_{i+4}, a_{i+4}] partial sums (512 -> 256 bits each)
   for (int i = 0; i < 4; ++i)
     x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xEE));
@@ -117,8 +117,11 @@ void scores_avx512(const float* q, const float* k, int64_t stride, int64_t n, fl
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     __m512 a[8];
+#pragma GCC unroll 8
     for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+#pragma GCC unroll 16
     for (int i = 0; i < HB; ++i)
+#pragma GCC unroll 8
       for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(k + (j + r) * stride + 16 * i), a[r]);
     reduce8(a, s + j);
   }
@@ -133,20 +136,25 @@ void scores_avx512(const float* q, const float* k, int64_t stride, int64_t n, fl
 // and QB x HB independent FMA chains hide the FMA latency
 template <int HB, int QB>
 void accumulate_block(const float* p, int64_t ld, const float* v, int64_t stride, int64_t n, float* a) {
-  __m512 acc[QB][HB];
-  for (int u = 0; u < QB; ++u)
-    for (int i = 0; i < HB; ++i) acc[u][i] = _mm512_loadu_ps(a + u * HB * 16 + 16 * i);
+  // acc[u * HB + i]: one flat array, its loops unrolled by pragma, so GCC keeps it in registers (a 2-D array it
+  // spills to the stack on every step)
+  __m512 acc[QB * HB];
+#pragma GCC unroll 32
+  for (int e = 0; e < QB * HB; ++e) acc[e] = _mm512_loadu_ps(a + 16 * e);
   for (int64_t j = 0; j < n; ++j) {
     const float* vj = v + j * stride;
     __m512 vv[HB];
+#pragma GCC unroll 16
     for (int i = 0; i < HB; ++i) vv[i] = _mm512_loadu_ps(vj + 16 * i);
+#pragma GCC unroll 16
     for (int u = 0; u < QB; ++u) {
       const __m512 pj = _mm512_set1_ps(p[u * ld + j]);
-      for (int i = 0; i < HB; ++i) acc[u][i] = _mm512_fmadd_ps(pj, vv[i], acc[u][i]);
+#pragma GCC unroll 16
+      for (int i = 0; i < HB; ++i) acc[u * HB + i] = _mm512_fmadd_ps(pj, vv[i], acc[u * HB + i]);
     }
   }
-  for (int u = 0; u < QB; ++u)
-    for (int i = 0; i < HB; ++i) _mm512_storeu_ps(a + u * HB * 16 + 16 * i, acc[u][i]);
+#pragma GCC unroll 32
+  for (int e = 0; e < QB * HB; ++e) _mm512_storeu_ps(a + 16 * e, acc[e]);
 }
 
 template <int HB>
