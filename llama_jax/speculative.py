@@ -387,14 +387,15 @@ def _run(engine, prompts, lookup, draft, k, max_new_tokens, settings, seed, stop
             return any(s in text for s in stop_strings)
         return False
 
+    if draft is not None:  # the draft's prefill is part of the prefill: before the first token is out
+        d_engine = draft.engine(engine)
+        d_cache = d_engine.new_cache(n, cache.max_length)
+        d_cache, _ = d_engine.prefill(prompts, d_cache)
+        jax.block_until_ready(d_cache)  # done here, not inside the first round (dispatch is asynchronous)
     for r in range(n):
         yield r, toks[r][0], lps[r][0]
         done[r] = done[r] or finished(r)
 
-    if draft is not None:
-        d_engine = draft.engine(engine)
-        d_cache = d_engine.new_cache(n, cache.max_length)
-        d_cache, _ = d_engine.prefill(prompts, d_cache)
     verify = _verifier(engine)
     while not done.all():
         last = jnp.asarray(np.asarray([t[-1] for t in toks], np.int32))
