@@ -2,7 +2,7 @@
 
     python experiments/bench_speculative.py [--new_tokens=128] [--repeats=3] [--passage_tokens=1500] \
         [--proposers=plain,prompt_lookup,int8,layers] [--tasks=summarise,extract,chat] [--num_speculative=4] \
-        [--lookup_speculative=6] [--ngram=3] [--draft_layers=10]
+        [--lookup_speculative=6] [--ngram=8] [--draft_layers=10]
 
 Tasks (batch 1, greedy, chat format), on a ~--passage_tokens passage built from the repository's
 experiments/data/kjv_wisdom.jsonl (Proverbs, Ecclesiastes...): (a) "summarise": the instruction to summarise it,
@@ -40,7 +40,7 @@ flags.DEFINE_integer("num_speculative", 4, "k: tokens proposed per verify step b
 flags.DEFINE_integer(
     "lookup_speculative", 6, "k of prompt lookup (a full n-gram match proposes k tokens, a shorter one fewer)."
 )
-flags.DEFINE_integer("ngram", 3, "Prompt lookup n-gram size.")
+flags.DEFINE_integer("ngram", 8, "Prompt lookup: longest n-gram matched.")
 flags.DEFINE_integer("draft_layers", 10, "Layers of the first-layers self-draft.")
 flags.DEFINE_bool("json", False, "Also print the rows as JSON lines.")
 

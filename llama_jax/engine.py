@@ -696,7 +696,7 @@ class Engine:
         speculative: str | None = None,
         draft=None,
         num_speculative: int = 4,
-        ngram: int = 3,
+        ngram: int = 8,
     ):
         """Generates a continuation of every prompt (token id lists).
 

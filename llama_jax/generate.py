@@ -97,7 +97,9 @@ flags.DEFINE_string("draft_checkpoint", None, "With --speculative=draft: draft c
 flags.DEFINE_string("draft_quant", None, "With --speculative=draft: draft weights none|int8 (default none).")
 flags.DEFINE_integer("draft_layers", None, "With --speculative=draft: keep only the draft's first N layers.")
 flags.DEFINE_integer("num_speculative", 4, "With --speculative: tokens proposed per verify step (k >= 1).")
-flags.DEFINE_integer("ngram", 3, "With --speculative=prompt_lookup: longest n-gram matched (>= 1).")
+flags.DEFINE_integer(
+    "ngram", 8, "With --speculative=prompt_lookup: longest n-gram matched (>= 2; a match of n proposes n - 1)."
+)
 
 from llama_jax.default_model import DEFAULT_MODEL_DIR, cache_root, default_checkpoint  # noqa: E402,F401
 
@@ -602,8 +604,8 @@ def _validate_speculative_flags():
         raise UsageError(f"--speculative must be one of {', '.join(speculative.SPECULATIVE_MODES)}, got {spec!r}")
     if FLAGS.num_speculative < 1:
         raise UsageError(f"--num_speculative must be >= 1, got {FLAGS.num_speculative}")
-    if FLAGS.ngram < 1:
-        raise UsageError(f"--ngram must be >= 1, got {FLAGS.ngram}")
+    if FLAGS.ngram < 2:
+        raise UsageError(f"--ngram must be >= 2, got {FLAGS.ngram}")
     if FLAGS.output:
         raise UsageError("--speculative is not supported with --output (continuous batching) yet")
     if spec == "prompt_lookup":

@@ -226,7 +226,7 @@ def test_draft_with_another_vocabulary_refused(tiny):
         (dict(speculative="medusa"), "speculative must be one of"),
         (dict(speculative="draft"), "needs a draft model"),
         (dict(speculative="prompt_lookup", num_speculative=0), "num_speculative must be >= 1"),
-        (dict(speculative="prompt_lookup", ngram=0), "ngram must be >= 1"),
+        (dict(speculative="prompt_lookup", ngram=1), "ngram must be >= 2"),
     ],
 )
 def test_bad_api_values_refused(tiny, kw, match):
@@ -236,15 +236,20 @@ def test_bad_api_values_refused(tiny, kw, match):
 
 
 def test_prompt_lookup_proposals():
-    pl = speculative.PromptLookup(ngram=2, num_speculative=3)
-    assert pl.propose([5, 6, 7, 8, 9, 5, 6]) == ([7, 8, 9], 3)  # the 2-gram (5, 6) seen before: k tokens
-    assert pl.propose([1, 2, 3, 2]) == ([3], 1)  # falls back to the 1-gram: k / 2 tokens (at least 1)
-    assert pl.propose([1, 2, 3]) == ([], 0)  # no match: nothing proposed
     pl = speculative.PromptLookup(ngram=3, num_speculative=4)
-    assert pl.propose([7, 1, 2, 3, 9, 9, 1, 2, 3]) == ([9, 9, 1, 2], 4)  # the 3-gram: 4 tokens
-    assert pl.propose([7, 1, 2, 3, 8, 5, 2, 3]) == ([8, 5], 2)  # the 2-gram (2, 3): 4 / 2
-    assert pl.propose([7, 1, 2, 3, 8, 5, 3]) == ([8], 1)  # the 1-gram (3): 4 / 4
-    assert pl.propose([4, 1, 2, 3, 1, 2, 3]) == ([1, 2, 3, 3], 3)  # the match runs into the end: filler
+    assert pl.propose([7, 1, 2, 3, 9, 9, 1, 2, 3]) == ([9, 9], 2)  # the 3-gram (1, 2, 3) seen before: 3 - 1 tokens
+    assert pl.propose([7, 1, 2, 3, 8, 5, 2, 3]) == ([8], 1)  # the 2-gram (2, 3): 1 token
+    assert pl.propose([7, 1, 2, 3, 8, 5, 3]) == ([], 0)  # a 1-token match proposes nothing
+    assert pl.propose([1, 2, 3]) == ([], 0)  # no match: nothing proposed
+    pl = speculative.PromptLookup(ngram=8, num_speculative=4)
+    seq = [9, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6]
+    assert pl.propose(seq) == ([7, 8, 1, 2], 4)  # a 6-token match: min(k, 5) = k tokens
+    assert pl.propose(seq[:-3]) == ([4, 5], 2)  # (1, 2, 3): 2 tokens
+    assert pl.propose([4, 1, 2, 3, 1, 2, 3]) == ([1, 2], 2)  # the longest match wins: (1, 2, 3), not (3,)
+    assert pl.propose([5, 1, 2, 5, 1, 2]) == ([5, 1], 2)  # (5, 1, 2) ends where the copy is: 2 of 2
+    pl = speculative.PromptLookup(ngram=8, num_speculative=6)
+    assert pl.propose([1, 2, 3, 4, 1, 2, 3, 4]) == ([1, 2, 3], 3)  # (1, 2, 3, 4): 3 tokens
+    assert pl.propose([7, 7, 7, 7, 7]) == ([7, 7, 7], 1)  # the match (4 sevens) runs into the end: filler
 
 
 @pytest.mark.parametrize(
@@ -253,7 +258,7 @@ def test_prompt_lookup_proposals():
         (["--speculative=medusa"], "--speculative"),
         (["--speculative=draft"], "--draft_checkpoint"),
         (["--speculative=prompt_lookup", "--num_speculative=0"], "--num_speculative"),
-        (["--speculative=prompt_lookup", "--ngram=0"], "--ngram"),
+        (["--speculative=prompt_lookup", "--ngram=1"], "--ngram"),
         (["--speculative=draft", "--draft_layers=0"], "--draft_layers"),
         (["--speculative=draft", "--draft_checkpoint=/nonexistent/dir"], "--draft_checkpoint"),
         (["--draft_layers=3"], "--speculative"),

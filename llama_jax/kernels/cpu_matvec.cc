@@ -9,8 +9,8 @@
 // Why: XLA:CPU lowers a one-row product against a weight cast in the dot to a generated loop that streams
 // int8 at ~10 GB/s and bf16 at ~15 GB/s, half of what the float32 dot reaches, so int8/bf16 decode paid in time what
 // it saved in bytes; and XLA's float32 dot reads the weight 1.3-3x slower than the bandwidth allows at 2-16 rows.
-// Here: one row is the textbook memory-bound matrix-vector product (one linear weight stream); several rows are
-// register tiles of 4 rows x 4 output channels (16 FMAs for every 8 loads; the next tile prefetched as one linear
+// Here: one row is the textbook memory-bound matrix-vector product (one linear weight stream), 2-4 rows share
+// that stream; more rows are register tiles of 4 rows x 4 output channels (16 FMAs for every 8 loads; the next tile prefetched as one linear
 // stream), so a speculative verify chunk or a small batch costs little more than one row. AVX-512 intrinsics where
 // the host has them, otherwise a loop the compiler vectorises (`omp simd`); built for the host ISA by
 // llama_jax/cpu_kernels.py; output channels split over XLA's intra-op thread pool.
@@ -124,22 +124,58 @@ void one_row(const float* x, const W* w, const float* scale, float* y, int64_t I
   }
 }
 
-// Tiles of 4 channels by up to 4 rows (16 accumulators: 16 FMAs for 8 loads a step). Each row group after the
-// first reads the chunk's weights from L1/L2. (6-row tiles, 24 accumulators, measured slower.)
+// A few rows (2-4), one weight row at a time: the single linear stream of one_row, each weight vector used for
+// kR rows (2 FMA chains a row; the kR activation rows are read from L1). Measured faster for float32 at 2-4
+// rows than the 4-channel tiles, whose 4 short row streams and software prefetches cost more than the extra
+// activation loads (5-6 rows: even; 8: slower); bf16 and int8 even.
+template <typename W, int kR>
+void stream_rows(const float* x, const W* w, const float* scale, float* y, int64_t I, int64_t O, int64_t o0,
+                 int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const W* wo = w + o * I;
+    __m512 a[2 * kR];
+#pragma GCC unroll 16
+    for (int j = 0; j < 2 * kR; ++j) a[j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+      const __m512 w0 = widen16(wo + i, 0xFFFF), w1 = widen16(wo + i + 16, 0xFFFF);
+#pragma GCC unroll 16
+      for (int r = 0; r < kR; ++r) {
+        a[2 * r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * I + i), w0, a[2 * r]);
+        a[2 * r + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * I + i + 16), w1, a[2 * r + 1]);
+      }
+    }
+    for (; i < I; i += 16) {
+      const __mmask16 m = I - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (I - i)) - 1);
+      const __m512 w0 = widen16(wo + i, m);
+#pragma GCC unroll 16
+      for (int r = 0; r < kR; ++r) a[2 * r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + r * I + i), w0, a[2 * r]);
+    }
+    const float s = scale ? scale[o] : 1.f;
+#pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) y[r * O + o] = _mm512_reduce_add_ps(_mm512_add_ps(a[2 * r], a[2 * r + 1])) * s;
+  }
+}
+
+// 1-4 rows: one weight stream (one_row, stream_rows). More: tiles of 4 channels by 4 rows (16 accumulators: 16
+// FMAs for 8 loads a step) and a 1-3-row remainder; each row group after the first reads the chunk's weights
+// from L1/L2. (6-row tiles, 24 accumulators, and single-pass 5-8-row tiles measured no faster.)
 template <typename W>
 void channels(const float* x, const W* w, const float* scale, float* y, int64_t R, int64_t I, int64_t O,
               int64_t o0, int64_t o1) {
+  switch (R) {  // 1-4 rows: one weight stream; more: register tiles
+    case 1: return one_row(x, w, scale, y, I, o0, o1);
+    case 2: return stream_rows<W, 2>(x, w, scale, y, I, O, o0, o1);
+    case 3: return stream_rows<W, 3>(x, w, scale, y, I, O, o0, o1);
+    case 4: return stream_rows<W, 4>(x, w, scale, y, I, O, o0, o1);
+    default: break;
+  }
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) rows_block<W, 4, 4>(x, w, scale, y, I, O, r, o0, o1);
   switch (R - r) {
     case 3: rows_block<W, 3, 4>(x, w, scale, y, I, O, r, o0, o1); break;
     case 2: rows_block<W, 2, 4>(x, w, scale, y, I, O, r, o0, o1); break;
-    case 1:
-      if (R == 1)
-        one_row(x, w, scale, y, I, o0, o1);
-      else
-        rows_block<W, 1, 4>(x, w, scale, y, I, O, r, o0, o1);
-      break;
+    case 1: rows_block<W, 1, 4>(x, w, scale, y, I, O, r, o0, o1); break;
     default: break;
   }
 }
