@@ -614,7 +614,8 @@ def attend(
       k_scale, v_scale: float32 [(L,) B, S, K] dequantization scales of an int8 cache (one per token and KV head).
       layer: see k, v.
       implementation: "blockwise" (or "xla"), "cudnn", "splash", "reference", or None (:func:`choose_implementation`;
-        on a one-device CPU backend, cached chunks of T <= 16 queries with no ``block_size`` go to the C++ kernel
+        on a one-device CPU backend, cached chunks of T <= ``cpu_kernels.ATTENTION_MAX_T`` queries (decode steps,
+        verify and prefill chunks) with no ``block_size`` go to the C++ kernel
         :func:`llama_jax.cpu_kernels.decode_attention`, which reads the cache in place).
       block_size: key block C of the blockwise path (and query block of self-attention); default
         ``DECODE_BLOCK`` for cached chunks of T <= 16 queries (the slots past its last whole block read in

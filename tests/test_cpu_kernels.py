@@ -180,10 +180,12 @@ def _cache(dtype, b, s, kh, h, seed):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bf16_bits", "int8"])
-@pytest.mark.parametrize("t", [1, 3, 16])
+@pytest.mark.parametrize("t", [1, 3, 16, 17, 130])
 def test_decode_attention_equals_blockwise_path(built, dtype, t):
     """Ragged rows (one 20x longer than another, one on a 64-slot chunk edge, one ending on the last slot), GQA
-    groups of 1 and 3, a stacked cache read at a layer: the kernel equals the XLA blockwise path."""
+    groups of 1 and 3, a stacked cache read at a layer: the kernel equals the XLA blockwise path. T 17 and 130 are
+    prefill-sized chunks (tasks of 64 tokens and a remainder, scores as a matrix product; a row's last tokens
+    beyond the cache see every slot)."""
     from llama_jax import attention
 
     b, s = 4, 700
@@ -217,7 +219,7 @@ def test_decode_attention_equals_blockwise_path(built, dtype, t):
 
 def test_decode_attention_routing_and_refusals(built):
     """attend() takes the kernel for decode-sized cached chunks with no block size forced; a query that sees no
-    slot gives zeros (as the XLA path); float16 caches and long chunks stay on the XLA path."""
+    slot gives zeros (as the XLA path); float16 caches and chunks over ATTENTION_MAX_T stay on the XLA path."""
     from llama_jax import attention
 
     q = jnp.ones((2, 1, 2, 8), jnp.float32)
@@ -230,7 +232,7 @@ def test_decode_attention_routing_and_refusals(built):
     ref = attention.attend(q, k, v, pos, cached=True, implementation="blockwise")
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
     assert not cpu_kernels.attention_usable(q, k.astype(jnp.float16))
-    assert not cpu_kernels.attention_usable(jnp.ones((2, 17, 2, 8)), k)
+    assert not cpu_kernels.attention_usable(jnp.ones((2, cpu_kernels.ATTENTION_MAX_T + 1, 2, 8)), k)
     assert not cpu_kernels.attention_usable(q, k.astype(jnp.uint16), None)
     with pytest.raises(ValueError, match="not supported"):
         cpu_kernels.decode_attention(q, k.astype(jnp.float16), v.astype(jnp.float16), pos)

@@ -1,5 +1,5 @@
-// Decode attention over a dense KV cache, for XLA:CPU (a jax.ffi custom call): the queries of a decode-sized
-// chunk (T <= 16 tokens per row) against the cache slots up to each query's position, read in place.
+// Attention over a dense KV cache, for XLA:CPU (a jax.ffi custom call): the queries of a decode step, a
+// speculative verify chunk or a prefill chunk against the cache slots up to each query's position, read in place.
 //
 //   q:         float32 [B, T, N, H]      queries (RoPE applied), N = K * G query heads in GQA groups
 //   k, v:      [L, B, S, K, H] (or [B, S, K, H] with L = 1): float32, bfloat16 (also as uint16 bits) or int8
@@ -10,14 +10,19 @@
 //
 // Numerics as llama_jax.attention.online_softmax: unscaled float32 scores (times k_scale), the 1/sqrt(H) scale
 // inside the exp, float32 running max, sum and accumulator; int8 values scale the probabilities. Only the slots
-// up to the longest query of a row are read; work is split over (row, slot range) on XLA's intra-op
-// thread pool and the partial softmax states merged as in flash-decoding.
+// up to the longest query of a row are read. Decode-sized chunks (T <= 16): work split over (row, slot range) on
+// XLA's intra-op thread pool, the partial softmax states merged as in flash-decoding. Prefill-sized chunks: tasks
+// of 128 tokens of a row, each over every slot its tokens see, in chunks of up to 256 slots (flash attention's
+// loop: online softmax over key blocks; causal blocks past a token are not read).
 //
 // Memory order: a task reads its slots front to back in chunks, all KV heads of a slot together (one contiguous
 // run), the next chunk prefetched while this one is computed; a bf16 / int8 chunk is widened to float32 once for
-// every query of every head. Inner loops: eight keys' scores per reduction tree, a block of queries per value load,
+// every query of every head. Inner loops: eight keys' scores per reduction tree (decode) or a register-tiled matrix
+// product against the chunk's transposed keys (16 or more queries per KV head), a block of queries per value load,
 // vectorised exp. Measured (SmolLM2 shapes, 30 layers, 4000 slots, batch 1, 2-core AVX-512): float32 cache 24.3 ->
-// 10.0 ms a step; a 5-token verify chunk 24.2 -> 17.5 ms (compute-bound there: ~64% of the FMA peak).
+// 10.0 ms a step; a 5-token verify chunk 24.2 -> 17.5 ms (compute-bound there: ~64% of the FMA peak). A 512-token
+// prefill chunk at position 8192 (4 heads / 2 KV heads of 32; 9 / 3 of 64 at 2048): ~146 GFLOP/s against the XLA
+// blockwise path's ~95.
 //
 // Why: the XLA path loops over cache blocks (a while loop per layer) and, on XLA:CPU, copies every block it
 // slices out of the stacked cache before the dot; at 4000 tokens that was 24 ms of a 60 ms SmolLM2 step.
@@ -58,7 +63,8 @@ inline float exp_neg(float x) {
   return p * __builtin_bit_cast(float, bits);
 }
 
-constexpr int64_t kSlots = 64;  // the most slots scored at a time
+constexpr int64_t kSlots = 64;          // the most slots scored at a time (one query's dot products)
+constexpr int64_t kGemmSlots = 256;     // ... as a matrix product (a prefill-sized chunk)
 
 struct Partial {  // online-softmax state of the queries of one (row, KV head) over one slot range
   std::vector<float> m, l;  // [Q]
@@ -159,7 +165,7 @@ void accumulate_block(const float* p, int64_t ld, const float* v, int64_t stride
 
 template <int HB>
 void accumulate_avx512(const float* p, int64_t ld, const float* v, int64_t stride, int64_t n, int64_t Q, float* a) {
-  constexpr int QB = HB <= 4 ? 4 : 2;  // QB x HB accumulators + HB values within the 32 registers
+  constexpr int QB = HB <= 2 ? 8 : HB <= 4 ? 4 : 2;  // QB x HB accumulators + HB values within the 32 registers
   int64_t u = 0;
   for (; u + QB <= Q; u += QB) accumulate_block<HB, QB>(p + u * ld, ld, v, stride, n, a + u * HB * 16);
   for (; u < Q; ++u) accumulate_block<HB, 1>(p + u * ld, ld, v, stride, n, a + u * HB * 16);
@@ -200,6 +206,67 @@ inline float softmax_update_avx512(float* s, int64_t n, float scale, float* m) {
   *m = mx;
   return _mm512_reduce_add_ps(sum);
 }
+
+// ---- many queries (a prefill chunk): scores as a matrix product. The chunk's keys of one head are transposed
+// once, kt[h * ld + j] = key_j[h] (ld = the slots rounded up to 16, zero-padded), then register tiles of R queries x
+// NB * 16 slots: per head-dim step NB key loads and R broadcasts for R x NB FMAs, where the dot-product form above
+// needs a reduction tree per eight keys for every query.
+// (16 slots of one head-dim entry per gather: a scalar transpose's column stores were half of this function's time)
+inline void transpose_keys(const float* k, int64_t stride, int64_t n, int64_t H, int64_t ld, float* kt) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int32_t>(stride)));
+  for (int64_t j = 0; j < ld; j += 16) {
+    const __mmask16 m = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);  // n > j
+    const float* base = k + j * stride;
+    for (int64_t h = 0; h < H; ++h)
+      _mm512_storeu_ps(kt + h * ld + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, base + h, 4));
+  }
+}
+
+// s[r * ld + j] = q_r . key_j, r < R, j < 16 NB
+template <int R, int NB>
+inline void score_tile(const float* q, int64_t H, const float* kt, int64_t ld, float* s) {
+  __m512 a[R * NB];  // flat, unrolled: kept in registers
+#pragma GCC unroll 16
+  for (int e = 0; e < R * NB; ++e) a[e] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < H; ++h) {
+    __m512 kv[NB];
+#pragma GCC unroll 4
+    for (int c = 0; c < NB; ++c) {
+      kv[c] = _mm512_loadu_ps(kt + h * ld + 16 * c);
+      asm("" : "+v"(kv[c]));  // loaded once into a register: GCC otherwise folds the load into all R FMAs
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * H + h]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NB; ++c) a[r * NB + c] = _mm512_fmadd_ps(qb, kv[c], a[r * NB + c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NB; ++c) _mm512_storeu_ps(s + r * ld + 16 * c, a[r * NB + c]);
+}
+
+template <int NB>
+void scores_gemm_nb(const float* q, int64_t Q, int64_t H, const float* kt, int64_t ld, float* s) {
+  int64_t u = 0;
+  for (; u + 4 <= Q; u += 4) score_tile<4, NB>(q + u * H, H, kt, ld, s + u * ld);
+  for (; u < Q; ++u) score_tile<1, NB>(q + u * H, H, kt, ld, s + u * ld);
+}
+
+// s[u * ld + j] = q_u . key_j for u < Q, j < ld (ld a multiple of 16), in blocks of 64 slots
+void scores_gemm(const float* q, int64_t Q, int64_t H, const float* kt, int64_t ld, float* s) {
+  for (int64_t c = 0; c < ld; c += 64) {
+    switch (std::min<int64_t>(4, (ld - c) / 16)) {
+      case 1: scores_gemm_nb<1>(q, Q, H, kt + c, ld, s + c); break;
+      case 2: scores_gemm_nb<2>(q, Q, H, kt + c, ld, s + c); break;
+      case 3: scores_gemm_nb<3>(q, Q, H, kt + c, ld, s + c); break;
+      default: scores_gemm_nb<4>(q, Q, H, kt + c, ld, s + c); break;
+    }
+  }
+}
 #endif
 
 // the portable softmax update (see softmax_update_avx512)
@@ -218,6 +285,7 @@ inline float softmax_update(float* s, int64_t n, float scale, float* m) {
 
 void scores(const float* q, const float* k, int64_t stride, int64_t n, int64_t H, float* s) {
 #if defined(__AVX512F__)
+  if (H == 32) return scores_avx512<2>(q, k, stride, n, s);
   if (H == 64) return scores_avx512<4>(q, k, stride, n, s);
   if (H == 128) return scores_avx512<8>(q, k, stride, n, s);
 #endif
@@ -227,6 +295,7 @@ void scores(const float* q, const float* k, int64_t stride, int64_t n, int64_t H
 void accumulate(const float* p, int64_t ld, const float* v, int64_t stride, int64_t n, int64_t H, int64_t Q,
                 float* a) {
 #if defined(__AVX512F__)
+  if (H == 32) return accumulate_avx512<2>(p, ld, v, stride, n, Q, a);
   if (H == 64) return accumulate_avx512<4>(p, ld, v, stride, n, Q, a);
   if (H == 128) return accumulate_avx512<8>(p, ld, v, stride, n, Q, a);
 #endif
@@ -237,21 +306,46 @@ struct Shape {
   int64_t B, T, N, H, S, K, G, layer;
 };
 
-// The queries of one KV head against the slots [c0, c0 + n) of one chunk: scores, online-softmax update, values.
-// kc / vc: that head's key / value of slot c0 in float32, the next slot ``stride`` elements on; su: [Q, n] scratch.
-void attend_chunk(const Shape& d, const float* qh, const int32_t* qpos, const float* kc, const float* vc,
-                  int64_t stride, const float* ksc, const float* vsc, int64_t c0, int64_t n, float* su,
+// Queries of a prefill-sized chunk: at least this many per KV head take the matrix-product scores.
+constexpr int64_t kGemmQueries = 16;
+// Tokens of a prefill-sized chunk (T > 16) per task: each task reads the slots up to its last token's position.
+constexpr int64_t kTaskTokens = 128;
+
+bool gemm_scores(int64_t Q, int64_t H) {
+#if defined(__AVX512F__)
+  return Q >= kGemmQueries && H % 16 == 0;
+#else
+  (void)Q, (void)H;
+  return false;
+#endif
+}
+
+// The Q queries of one KV head against the slots [c0, c0 + n) of one chunk: scores, online-softmax update, values.
+// kc / vc: that head's key / value of slot c0 in float32, the next slot ``stride`` elements on; su: [Q, 64]
+// scratch ([Q, 256] with matrix-product scores, gemm_scores()); kt: [H, 256] scratch for the transposed keys.
+void attend_chunk(const Shape& d, int64_t Q, const float* qh, const int32_t* qpos, const float* kc, const float* vc,
+                  int64_t stride, const float* ksc, const float* vsc, int64_t c0, int64_t n, float* su, float* kt,
                   Partial& out) {
-  const int64_t Q = d.T * d.G, H = d.H;
+  const int64_t H = d.H;
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const bool gemm = gemm_scores(Q, H);
+  const int64_t ld = gemm ? (n + 15) / 16 * 16 : n;  // row stride of the scores
+#if defined(__AVX512F__)
+  if (gemm) {
+    transpose_keys(kc, stride, n, H, ld, kt);
+    scores_gemm(qh, Q, H, kt, ld, su);
+  }
+#else
+  (void)kt;
+#endif
   int64_t most = 0;  // slots the queries see, at most
   for (int64_t u = 0; u < Q; ++u) {
-    float* s = su + u * n;
+    float* s = su + u * ld;
     const int64_t visible = std::clamp<int64_t>(qpos[u] - c0 + 1, 0, n);  // slots c0 .. qpos[u]
     most = std::max(most, visible);
     std::fill(s + visible, s + n, 0.f);
     if (visible == 0) continue;
-    scores(qh + u * H, kc, stride, visible, H, s);
+    if (!gemm) scores(qh + u * H, kc, stride, visible, H, s);
     if (ksc)
       for (int64_t j = 0; j < visible; ++j) s[j] *= ksc[j * d.K];
     const float old = out.m[u];
@@ -266,34 +360,39 @@ void attend_chunk(const Shape& d, const float* qh, const int32_t* qpos, const fl
     if (vsc)
       for (int64_t j = 0; j < visible; ++j) s[j] *= vsc[j * d.K];
   }
-  if (most > 0) accumulate(su, n, vc, stride, most, H, Q, out.acc.data());
+  if (most > 0) accumulate(su, ld, vc, stride, most, H, Q, out.acc.data());
 }
 
 // Slots per chunk: keys and values of a chunk, all KV heads, in float32 (<= 256 KiB), stay in L2 while every query
-// of every head reads them.
-int64_t chunk_slots(const Shape& d) {
-  return std::clamp<int64_t>((256 << 10) / (8 * d.K * d.H) / 8 * 8, 8, kSlots);
+// of every head reads them; at most `most` (kSlots, or kGemmSlots for matrix-product scores: fewer passes of
+// per-query softmax work, a max and a sum reduction and the accumulator rescale, per slot).
+int64_t chunk_slots(const Shape& d, int64_t most) {
+  return std::clamp<int64_t>((256 << 10) / (8 * d.K * d.H) / 8 * 8, 8, most);
 }
 
-// Row b, slots [s0, s1), every KV head: out[kh] is the partial state of head kh's queries. Chunk by chunk, front to
-// back; a bfloat16 / int8 chunk is first widened to float32 whole (all heads of a slot are one contiguous run of
-// K * H elements, so this is one sequential read the hardware prefetchers follow), a float32 chunk read in place.
+// Row b, tokens [t0, t1), slots [s0, s1), every KV head: out[kh] is the partial state of head kh's queries. Chunk
+// by chunk, front to back; a bfloat16 / int8 chunk is first widened to float32 whole (all heads of a slot are one
+// contiguous run of K * H elements, so this is one sequential read the hardware prefetchers follow), a float32
+// chunk read in place.
 template <typename C>
 void attend_range(const Shape& d, const float* q, const C* k, const C* v, const float* ks, const float* vs,
-                  const int32_t* pos, int64_t b, int64_t s0, int64_t s1, Partial* out) {
-  const int64_t Q = d.T * d.G, H = d.H, KH = d.K * H, slots = chunk_slots(d);
+                  const int32_t* pos, int64_t b, int64_t t0, int64_t t1, int64_t s0, int64_t s1, Partial* out) {
+  const int64_t Tn = t1 - t0, Q = Tn * d.G, H = d.H, KH = d.K * H;
+  const bool gemm = gemm_scores(Q, H);
+  const int64_t cap = gemm ? kGemmSlots : kSlots, slots = chunk_slots(d, cap);
   constexpr bool in_place = std::is_same_v<C, float>;
-  // queries of KV head kh: u = t * G + g  <->  q[b, t, kh * G + g, :], stored at qbuf[(kh * Q + u) * H]
-  std::vector<float> qbuf(d.K * Q * H), scbuf(Q * slots), wide(in_place ? 0 : 2 * slots * KH);
+  // queries of KV head kh: u = t * G + g  <->  q[b, t0 + t, kh * G + g, :], stored at qbuf[(kh * Q + u) * H]
+  std::vector<float> qbuf(d.K * Q * H), scbuf(Q * cap), wide(in_place ? 0 : 2 * slots * KH);
+  std::vector<float> kt(gemm ? H * cap : 0);
   std::vector<int32_t> qpos(Q);
-  int32_t top = -1;  // the last slot any query of the row sees
+  int32_t top = -1;  // the last slot any query of the range sees
   for (int64_t kh = 0; kh < d.K; ++kh)
-    for (int64_t t = 0; t < d.T; ++t)
+    for (int64_t t = 0; t < Tn; ++t)
       for (int64_t g = 0; g < d.G; ++g)
-        std::memcpy(qbuf.data() + (kh * Q + t * d.G + g) * H, q + ((b * d.T + t) * d.N + kh * d.G + g) * H,
+        std::memcpy(qbuf.data() + (kh * Q + t * d.G + g) * H, q + ((b * d.T + t0 + t) * d.N + kh * d.G + g) * H,
                     H * sizeof(float));
-  for (int64_t t = 0; t < d.T; ++t)
-    for (int64_t g = 0; g < d.G; ++g) top = std::max(top, qpos[t * d.G + g] = pos[b * d.T + t]);
+  for (int64_t t = 0; t < Tn; ++t)
+    for (int64_t g = 0; g < d.G; ++g) top = std::max(top, qpos[t * d.G + g] = pos[b * d.T + t0 + t]);
   for (int64_t kh = 0; kh < d.K; ++kh) {
     out[kh].acc.assign(Q * H, 0.f);
     out[kh].m.assign(Q, -INFINITY);
@@ -322,16 +421,55 @@ void attend_range(const Shape& d, const float* q, const C* k, const C* v, const 
     }
     for (int64_t kh = 0; kh < d.K; ++kh) {
       const int64_t at = (row + c0) * d.K + kh;  // scale index of (slot c0, head kh)
-      attend_chunk(d, qbuf.data() + kh * Q * H, qpos.data(), kf + kh * H, vf + kh * H, KH, ks ? ks + at : nullptr,
-                   vs ? vs + at : nullptr, c0, n, scbuf.data(), out[kh]);
+      attend_chunk(d, Q, qbuf.data() + kh * Q * H, qpos.data(), kf + kh * H, vf + kh * H, KH,
+                   ks ? ks + at : nullptr, vs ? vs + at : nullptr, c0, n, scbuf.data(), kt.data(), out[kh]);
     }
+  }
+}
+
+// out[b, t0 + t, kh * G + g, :] = the merged softmax average of the partial states parts[0..split) of (b, kh)
+// (each over tokens [t0, t0 + Tn)): flash-decoding's merge, one part when the slots were not split.
+void finish(const Shape& d, const Partial* const* parts, int64_t split, int64_t b, int64_t kh, int64_t t0, int64_t Tn,
+            float* out) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
+  for (int64_t u = 0; u < Tn * d.G; ++u) {
+    const int64_t t = t0 + u / d.G, g = u % d.G;
+    float m = -INFINITY;
+    for (int64_t p = 0; p < split; ++p) m = std::max(m, parts[p]->m[u]);
+    float* o = out + ((b * d.T + t) * d.N + kh * d.G + g) * d.H;
+    std::fill(o, o + d.H, 0.f);
+    if (m == -INFINITY) continue;
+    float l = 0.f;
+    for (int64_t p = 0; p < split; ++p) {
+      const Partial& part = *parts[p];
+      if (part.m[u] == -INFINITY) continue;
+      const float c = exp_neg((part.m[u] - m) * scale);
+      l += part.l[u] * c;
+      const float* a = part.acc.data() + u * d.H;
+      for (int64_t h = 0; h < d.H; ++h) o[h] += a[h] * c;
+    }
+    const float inv = 1.0f / std::max(l, 1.17549435e-38f);
+    for (int64_t h = 0; h < d.H; ++h) o[h] *= inv;
   }
 }
 
 template <typename C>
 ffi::Error Attend(ffi::ThreadPool pool, const Shape& d, const float* q, const C* k, const C* v, const float* ks,
                   const float* vs, const int32_t* pos, float* out) {
-  const int64_t Q = d.T * d.G;
+  if (d.T > 16) {
+    // a prefill-sized chunk: tasks of kTaskTokens tokens of a row, each over every slot its tokens see (no merge)
+    const int64_t per_row = (d.T + kTaskTokens - 1) / kTaskTokens;
+    llama_jax::parallel_for(pool, d.B * per_row, [&, d](int64_t i) {
+      const int64_t b = i / per_row, t0 = (i % per_row) * kTaskTokens, t1 = std::min(d.T, t0 + kTaskTokens);
+      std::vector<Partial> mine(d.K);
+      attend_range<C>(d, q, k, v, ks, vs, pos, b, t0, t1, 0, d.S, mine.data());
+      for (int64_t kh = 0; kh < d.K; ++kh) {
+        const Partial* part = &mine[kh];
+        finish(d, &part, 1, b, kh, t0, t1 - t0, out);
+      }
+    });
+    return ffi::Error::Success();
+  }
   // slots each row needs: up to its longest query (clamped to the cache)
   std::vector<int64_t> need(d.B);
   int64_t most = 0;
@@ -350,32 +488,16 @@ ffi::Error Attend(ffi::ThreadPool pool, const Shape& d, const float* q, const C*
     const int64_t b = i / split, part = i % split;
     const int64_t len = need[b], per = (len + split - 1) / split;
     std::vector<Partial> mine(d.K);
-    attend_range<C>(d, q, k, v, ks, vs, pos, b, std::min(len, part * per), std::min(len, (part + 1) * per),
+    attend_range<C>(d, q, k, v, ks, vs, pos, b, 0, d.T, std::min(len, part * per), std::min(len, (part + 1) * per),
                     mine.data());
     for (int64_t kh = 0; kh < d.K; ++kh) parts[(b * d.K + kh) * split + part] = std::move(mine[kh]);
   });
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
+  std::vector<const Partial*> row(split);
   for (int64_t b = 0; b < d.B; ++b)
-    for (int64_t kh = 0; kh < d.K; ++kh)
-      for (int64_t u = 0; u < Q; ++u) {
-        const int64_t t = u / d.G, g = u % d.G;
-        float m = -INFINITY;
-        for (int64_t p = 0; p < split; ++p) m = std::max(m, parts[(b * d.K + kh) * split + p].m[u]);
-        float* o = out + ((b * d.T + t) * d.N + kh * d.G + g) * d.H;
-        std::fill(o, o + d.H, 0.f);
-        if (m == -INFINITY) continue;
-        float l = 0.f;
-        for (int64_t p = 0; p < split; ++p) {
-          const Partial& part = parts[(b * d.K + kh) * split + p];
-          if (part.m[u] == -INFINITY) continue;
-          const float c = exp_neg((part.m[u] - m) * scale);
-          l += part.l[u] * c;
-          const float* a = part.acc.data() + u * d.H;
-          for (int64_t h = 0; h < d.H; ++h) o[h] += a[h] * c;
-        }
-        const float inv = 1.0f / std::max(l, 1.17549435e-38f);
-        for (int64_t h = 0; h < d.H; ++h) o[h] *= inv;
-      }
+    for (int64_t kh = 0; kh < d.K; ++kh) {
+      for (int64_t p = 0; p < split; ++p) row[p] = &parts[(b * d.K + kh) * split + p];
+      finish(d, row.data(), split, b, kh, 0, d.T, out);
+    }
   return ffi::Error::Success();
 }
 

@@ -10,8 +10,9 @@
 // int8 at ~10 GB/s and bf16 at ~15 GB/s, half of what the float32 dot reaches, so int8/bf16 decode paid in time what
 // it saved in bytes; and XLA's float32 dot reads the weight 1.3-3x slower than the bandwidth allows at 2-16 rows.
 // Here: one row is the textbook memory-bound matrix-vector product (one linear weight stream), 2-4 rows share
-// that stream; more rows are register tiles of 4 rows x 4 output channels (16 FMAs for every 8 loads; the next tile prefetched as one linear
-// stream), so a speculative verify chunk or a small batch costs little more than one row. AVX-512 intrinsics where
+// that stream; more rows are register tiles of 4 rows x 4 output channels (16 FMAs for every 8 loads; the next
+// tile prefetched as one linear stream), so a speculative verify chunk or a small batch costs little more than
+// one row. AVX-512 intrinsics where
 // the host has them, otherwise a loop the compiler vectorises (`omp simd`); built for the host ISA by
 // llama_jax/cpu_kernels.py; output channels split over XLA's intra-op thread pool.
 #include <algorithm>
