@@ -138,27 +138,36 @@ void scores_avx512(const float* q, const float* k, int64_t stride, int64_t n, fl
   }
 }
 
-// QB queries at a time, their accumulators in registers over the chunk: each value is loaded once for the block,
-// and QB x HB independent FMA chains hide the FMA latency
-template <int HB, int QB>
-void accumulate_block(const float* p, int64_t ld, const float* v, int64_t stride, int64_t n, float* a) {
-  // acc[u * HB + i]: one flat array, its loops unrolled by pragma, so GCC keeps it in registers (a 2-D array it
-  // spills to the stack on every step)
-  __m512 acc[QB * HB];
-#pragma GCC unroll 32
-  for (int e = 0; e < QB * HB; ++e) acc[e] = _mm512_loadu_ps(a + 16 * e);
-  for (int64_t j = 0; j < n; ++j) {
-    const float* vj = v + j * stride;
-    __m512 vv[HB];
+// The register tile both matrix products of attention use: for t < n, acc[r * NB + c] += x[r * x_ld + t] *
+// vec[t * vec_ld + 16 c .. + 16] (R scalars broadcast against NB vectors: R x NB independent FMA chains hide the
+// FMA latency). acc is one flat array with its loops unrolled by pragma, so GCC keeps it in registers (a 2-D array
+// it spills to the stack on every step); each vector is loaded once into a register for the R rows.
+template <int R, int NB>
+__attribute__((always_inline)) inline void outer_steps(__m512* acc, const float* x, int64_t x_ld, const float* vec,
+                                                       int64_t vec_ld, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 vv[NB];
 #pragma GCC unroll 16
-    for (int i = 0; i < HB; ++i) vv[i] = _mm512_loadu_ps(vj + 16 * i);
+    for (int c = 0; c < NB; ++c) {
+      vv[c] = _mm512_loadu_ps(vec + t * vec_ld + 16 * c);
+      asm("" : "+v"(vv[c]));  // GCC otherwise folds the load into each of the R FMAs
+    }
 #pragma GCC unroll 16
-    for (int u = 0; u < QB; ++u) {
-      const __m512 pj = _mm512_set1_ps(p[u * ld + j]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xr = _mm512_set1_ps(x[r * x_ld + t]);
 #pragma GCC unroll 16
-      for (int i = 0; i < HB; ++i) acc[u * HB + i] = _mm512_fmadd_ps(pj, vv[i], acc[u * HB + i]);
+      for (int c = 0; c < NB; ++c) acc[r * NB + c] = _mm512_fmadd_ps(xr, vv[c], acc[r * NB + c]);
     }
   }
+}
+
+// QB queries at a time, their accumulators in registers over the chunk: each value is loaded once for the block
+template <int HB, int QB>
+void accumulate_block(const float* p, int64_t ld, const float* v, int64_t stride, int64_t n, float* a) {
+  __m512 acc[QB * HB];  // acc[u * HB + i]
+#pragma GCC unroll 32
+  for (int e = 0; e < QB * HB; ++e) acc[e] = _mm512_loadu_ps(a + 16 * e);
+  outer_steps<QB, HB>(acc, p, ld, v, stride, n);
 #pragma GCC unroll 32
   for (int e = 0; e < QB * HB; ++e) _mm512_storeu_ps(a + 16 * e, acc[e]);
 }
@@ -226,23 +235,10 @@ inline void transpose_keys(const float* k, int64_t stride, int64_t n, int64_t H,
 // s[r * ld + j] = q_r . key_j, r < R, j < 16 NB
 template <int R, int NB>
 inline void score_tile(const float* q, int64_t H, const float* kt, int64_t ld, float* s) {
-  __m512 a[R * NB];  // flat, unrolled: kept in registers
+  __m512 a[R * NB];
 #pragma GCC unroll 16
   for (int e = 0; e < R * NB; ++e) a[e] = _mm512_setzero_ps();
-  for (int64_t h = 0; h < H; ++h) {
-    __m512 kv[NB];
-#pragma GCC unroll 4
-    for (int c = 0; c < NB; ++c) {
-      kv[c] = _mm512_loadu_ps(kt + h * ld + 16 * c);
-      asm("" : "+v"(kv[c]));  // loaded once into a register: GCC otherwise folds the load into all R FMAs
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512 qb = _mm512_set1_ps(q[r * H + h]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NB; ++c) a[r * NB + c] = _mm512_fmadd_ps(qb, kv[c], a[r * NB + c]);
-    }
-  }
+  outer_steps<R, NB>(a, q, H, kt, ld, H);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
