@@ -12,9 +12,8 @@
 // Here: one row is the textbook memory-bound matrix-vector product (one linear weight stream), 2-4 rows share
 // that stream; more rows are register tiles of 4 rows x 4 output channels (16 FMAs for every 8 loads; the next
 // tile prefetched as one linear stream), so a speculative verify chunk or a small batch costs little more than
-// one row. AVX-512 intrinsics where
-// the host has them, otherwise a loop the compiler vectorises (`omp simd`); built for the host ISA by
-// llama_jax/cpu_kernels.py; output channels split over XLA's intra-op thread pool.
+// one row. AVX-512 intrinsics where the host has them, otherwise a loop the compiler vectorises (`omp simd`);
+// built for the host ISA by llama_jax/cpu_kernels.py; output channels split over XLA's intra-op thread pool.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -105,30 +104,11 @@ void rows_block(const float* x, const W* w, const float* scale, float* y, int64_
   for (; o < o1; ++o) tile<W, kR, 1>(x, w, scale, y, I, O, r0, o);
 }
 
-// A single row (decode at batch 1): one weight row after another, a single linear stream the hardware prefetcher
-// follows, two FMA chains per row. Measured faster here than 4-channel tiles, whose short row streams it does not.
-template <typename W>
-void one_row(const float* x, const W* w, const float* scale, float* y, int64_t I, int64_t o0, int64_t o1) {
-  for (int64_t o = o0; o < o1; ++o) {
-    const W* wo = w + o * I;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= I; i += 32) {
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), widen16(wo + i, 0xFFFF), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), widen16(wo + i + 16, 0xFFFF), a1);
-    }
-    for (; i < I; i += 16) {
-      const __mmask16 m = I - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (I - i)) - 1);
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), widen16(wo + i, m), a0);
-    }
-    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * (scale ? scale[o] : 1.f);
-  }
-}
-
-// A few rows (2-4), one weight row at a time: the single linear stream of one_row, each weight vector used for
-// kR rows (2 FMA chains a row; the kR activation rows are read from L1). Measured faster for float32 at 2-4
-// rows than the 4-channel tiles, whose 4 short row streams and software prefetches cost more than the extra
-// activation loads (5-6 rows: even; 8: slower); bf16 and int8 even.
+// One to four rows (decode at batch 1, small verify chunks), one weight row after another: a single linear stream
+// the hardware prefetcher follows, each weight vector used for kR rows (2 FMA chains a row; the kR activation rows
+// are read from L1). Measured faster for float32 at 1-4 rows than the 4-channel tiles, whose 4 short row streams
+// and software prefetches cost more than the extra activation loads (5-6 rows: even; 8: slower); bf16 and int8
+// even.
 template <typename W, int kR>
 void stream_rows(const float* x, const W* w, const float* scale, float* y, int64_t I, int64_t O, int64_t o0,
                  int64_t o1) {
@@ -158,14 +138,14 @@ void stream_rows(const float* x, const W* w, const float* scale, float* y, int64
   }
 }
 
-// 1-4 rows: one weight stream (one_row, stream_rows). More: tiles of 4 channels by 4 rows (16 accumulators: 16
+// 1-4 rows: one weight stream (stream_rows). More: tiles of 4 channels by 4 rows (16 accumulators: 16
 // FMAs for 8 loads a step) and a 1-3-row remainder; each row group after the first reads the chunk's weights
 // from L1/L2. (6-row tiles, 24 accumulators, and single-pass 5-8-row tiles measured no faster.)
 template <typename W>
 void channels(const float* x, const W* w, const float* scale, float* y, int64_t R, int64_t I, int64_t O,
               int64_t o0, int64_t o1) {
   switch (R) {  // 1-4 rows: one weight stream; more: register tiles
-    case 1: return one_row(x, w, scale, y, I, o0, o1);
+    case 1: return stream_rows<W, 1>(x, w, scale, y, I, O, o0, o1);
     case 2: return stream_rows<W, 2>(x, w, scale, y, I, O, o0, o1);
     case 3: return stream_rows<W, 3>(x, w, scale, y, I, O, o0, o1);
     case 4: return stream_rows<W, 4>(x, w, scale, y, I, O, o0, o1);
