@@ -9,7 +9,7 @@
 // Why: XLA:CPU lowers a one-row product against a weight cast in the dot to a generated loop that streams
 // int8 at ~10 GB/s and bf16 at ~15 GB/s, half of what the float32 dot reaches, so int8/bf16 decode paid in time what
 // it saved in bytes; and XLA's float32 dot reads the weight 1.3-3x slower than the bandwidth allows at 2-16 rows.
-// Here: one row is the textbook memory-bound matrix-vector product (one linear weight stream), 2-4 rows share
+// Here: one row is the textbook memory-bound matrix-vector product (one linear weight stream), 2-3 rows share
 // that stream; more rows are register tiles of 4 rows x 4 output channels (16 FMAs for every 8 loads; the next
 // tile prefetched as one linear stream), so a speculative verify chunk or a small batch costs little more than
 // one row. AVX-512 intrinsics where the host has them, otherwise a loop the compiler vectorises (`omp simd`);
@@ -104,11 +104,11 @@ void rows_block(const float* x, const W* w, const float* scale, float* y, int64_
   for (; o < o1; ++o) tile<W, kR, 1>(x, w, scale, y, I, O, r0, o);
 }
 
-// One to four rows (decode at batch 1, small verify chunks), one weight row after another: a single linear stream
+// One to three rows (decode at batch 1, small verify chunks), one weight row after another: a single linear stream
 // the hardware prefetcher follows, each weight vector used for kR rows (2 FMA chains a row; the kR activation rows
-// are read from L1). Measured faster for float32 at 1-4 rows than the 4-channel tiles, whose 4 short row streams
+// are read from L1). Measured faster for float32 at 1-3 rows than the 4-channel tiles, whose 4 short row streams
 // and software prefetches cost more than the extra activation loads (5-6 rows: even; 8: slower); bf16 and int8
-// even.
+// even. At 4 rows the tiles won (SmolLM2's 211 products: 22-23 ms against 27-28, float32, best of 30).
 template <typename W, int kR>
 void stream_rows(const float* x, const W* w, const float* scale, float* y, int64_t I, int64_t O, int64_t o0,
                  int64_t o1) {
@@ -138,17 +138,16 @@ void stream_rows(const float* x, const W* w, const float* scale, float* y, int64
   }
 }
 
-// 1-4 rows: one weight stream (stream_rows). More: tiles of 4 channels by 4 rows (16 accumulators: 16
+// 1-3 rows: one weight stream (stream_rows). More: tiles of 4 channels by 4 rows (16 accumulators: 16
 // FMAs for 8 loads a step) and a 1-3-row remainder; each row group after the first reads the chunk's weights
 // from L1/L2. (6-row tiles, 24 accumulators, and single-pass 5-8-row tiles measured no faster.)
 template <typename W>
 void channels(const float* x, const W* w, const float* scale, float* y, int64_t R, int64_t I, int64_t O,
               int64_t o0, int64_t o1) {
-  switch (R) {  // 1-4 rows: one weight stream; more: register tiles
+  switch (R) {  // 1-3 rows: one weight stream; more: register tiles
     case 1: return stream_rows<W, 1>(x, w, scale, y, I, O, o0, o1);
     case 2: return stream_rows<W, 2>(x, w, scale, y, I, O, o0, o1);
     case 3: return stream_rows<W, 3>(x, w, scale, y, I, O, o0, o1);
-    case 4: return stream_rows<W, 4>(x, w, scale, y, I, O, o0, o1);
     default: break;
   }
   int64_t r = 0;
