@@ -212,6 +212,20 @@ def test_accept_rule_mixed_greedy_and_sampled_rows():
     assert int(n[0]) == 0 and int(tokens[0, 0]) == argmax[0, 0]  # rejected, corrected to the argmax
 
 
+def test_draft_cache_dtype(tiny):
+    """A draft keeps its own KV cache in bfloat16 by default (kv_dtype=None: the draft's dtype); either way the
+    greedy tokens are plain greedy decoding's, and an unknown kv_dtype is refused by name."""
+    engine, prompt, _ = tiny
+    plain = engine.generate([prompt], max_new_tokens=6)[0].tokens
+    for kv_dtype, want in (("bfloat16", jax.numpy.bfloat16), (None, jax.numpy.float32)):
+        draft = speculative.DraftModel(_tiny(1, std=0.06), num_speculative=2, kv_dtype=kv_dtype)
+        assert draft.engine(engine).new_cache(1, 8).k.dtype == want
+        got = engine.generate([prompt], max_new_tokens=6, speculative="draft", draft=draft)[0]
+        assert got.tokens == plain and got.speculative["proposed"] > 0
+    with pytest.raises(ValueError, match="kv_dtype"):
+        speculative.DraftModel(_tiny(1), kv_dtype="float8")
+
+
 # ------------------------------------------------------------------------------------------- errors
 def test_draft_with_another_vocabulary_refused(tiny):
     engine, prompt, _ = tiny
